@@ -1,0 +1,367 @@
+"""Configuration: one pydantic model per stage, loaded from YAML with dotted CLI overrides.
+
+``load_config("configs/demo.yaml", RunConfig, ["train.lr=3e-4"])`` reads the file, applies the
+overrides, and validates. Every error names the file, the line (when the key came from the
+file), the dotted key, and what to do: an unknown key suggests the closest valid one, a wrong
+type names the expected type.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- stage sections
+
+
+class TaskConfig(StrictModel):
+    """Where problems come from: the built-in arithmetic generator or a user's JSONL file."""
+
+    name: Literal["arithmetic", "jsonl"] = "arithmetic"
+    # arithmetic knobs: an int, or [min, max] inclusive
+    num_operands: int | tuple[int, int] = (2, 3)
+    digits: int | tuple[int, int] = (1, 2)
+    operations: list[Literal["+", "-", "*"]] = Field(default_factory=lambda: ["+", "-"])
+    style: Literal["symbolic", "word"] = "symbolic"
+    # share of the problem space (by hash of the problem) reserved for the held-out split
+    eval_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    # jsonl task: records {"prompt", "reference"}; without eval_path the split is by hash
+    path: str | None = None
+    eval_path: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> TaskConfig:
+        if self.name == "jsonl" and not self.path:
+            raise ValueError("task.name is 'jsonl' but task.path is not set: give the JSONL file")
+        for key in ("num_operands", "digits"):
+            lo, hi = _as_range(getattr(self, key))
+            if lo < 1 or hi < lo:
+                raise ValueError(f"task.{key} must be >= 1 and [min, max] with min <= max")
+        return self
+
+
+def _as_range(value: int | tuple[int, int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+class ModelConfig(StrictModel):
+    """A causal LM: an existing HF model (``path``: local dir or hub id) or one built from sizes."""
+
+    path: str | None = None
+    arch: Literal["llama"] = "llama"
+    hidden_size: int = Field(64, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    intermediate_size: int | None = None  # default: 4 × hidden_size
+    max_position_embeddings: int = 256
+    tie_word_embeddings: bool = True
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    device: str = "auto"  # "auto" = cuda if available, else cpu
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.path is None and self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        return self
+
+
+class TokenizerConfig(StrictModel):
+    """An existing tokenizer (``path``) or one trained on the task's text (``vocab_size``)."""
+
+    path: str | None = None
+    vocab_size: int = Field(384, ge=64)
+
+
+class DataConfig(StrictModel):
+    """Training records: a JSONL file of "messages" records, or problems drawn from the task."""
+
+    path: str | None = None
+    task: TaskConfig | None = None
+    num_examples: int = Field(10000, ge=1)
+    target: Literal["chain", "answer"] = "chain"  # what the assistant turn holds
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if (self.path is None) == (self.task is None):
+            raise ValueError("data needs exactly one of data.path (JSONL records) or data.task")
+        return self
+
+
+class TrainConfig(StrictModel):
+    """The training loop: objective, optimizer, schedule, batch. Shared by every objective."""
+
+    objective: Literal["sft", "logit_kd"] = "sft"
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr × this
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = 1.0
+    kd_ratio: float = Field(0.5, ge=0, le=1)  # logit_kd: (1-r)·CE + r·KL(teacher‖student)
+    temperature: float = Field(1.0, gt=0)
+    max_seq_len: int = Field(128, ge=8)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    seed: int = 0
+    log_every: int = Field(10, ge=1)
+
+
+class TrainJobConfig(StrictModel):
+    """``distillery train CONFIG``: train one model and save it as a plain HF directory."""
+
+    output_dir: str
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    teacher: ModelConfig | None = None  # needed by logit_kd
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainJobConfig:
+        if self.train.objective == "logit_kd" and self.teacher is None:
+            raise ValueError("train.objective is 'logit_kd' but no teacher is configured")
+        if self.model.path is None and self.tokenizer.path is None and self.data.task is None:
+            raise ValueError("a new tokenizer is trained on task text: set data.task or tokenizer.path")
+        return self
+
+
+class TeacherStageConfig(StrictModel):
+    """The pipeline's teacher: a ready HF directory, else trained by a ``distillery train`` recipe."""
+
+    path: str = "assets/demo_teacher"
+    recipe: str | None = "configs/demo_teacher.yaml"  # used when ``path`` is missing or stale
+
+
+class GenerateConfig(StrictModel):
+    """Elicitation by labeling: the teacher answers unlabeled problems with reasoning chains."""
+
+    num_problems: int = Field(10000, ge=1)
+    batch_size: int = Field(256, ge=1)
+    max_new_tokens: int = Field(48, ge=1)
+    temperature: float = Field(0.0, ge=0)  # 0 = greedy
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int = 1
+
+
+class StudentConfig(StrictModel):
+    """One student of the pipeline: which data it learns from and with which objective."""
+
+    data: Literal["ground_truth", "teacher"]
+    target: Literal["chain", "answer"] = "chain"
+    objective: Literal["sft", "logit_kd"] = "sft"
+    kd_ratio: float | None = None  # overrides train.kd_ratio
+
+
+class EvalConfig(StrictModel):
+    """Held-out evaluation: greedy decoding, answer extraction, bootstrap CIs, speed."""
+
+    num_problems: int = Field(500, ge=1)
+    batch_size: int = Field(250, ge=1)
+    max_new_tokens: int = Field(48, ge=1)
+    bootstrap_resamples: int = Field(10000, ge=100)
+    speed_prompts: int = Field(16, ge=1)  # prompts decoded one at a time for batch-1 tokens/s
+    seed: int = 0
+
+
+def _default_students() -> dict[str, StudentConfig]:
+    return {
+        "student_ground_truth": StudentConfig(data="ground_truth", target="answer"),
+        "student_distilled": StudentConfig(data="teacher", objective="logit_kd"),
+    }
+
+
+class RunConfig(StrictModel):
+    """``distillery run``: the whole pipeline, teacher → synthetic data → students → report."""
+
+    run_dir: str = "runs/demo"
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    teacher: TeacherStageConfig = Field(default_factory=TeacherStageConfig)
+    student: ModelConfig = Field(default_factory=ModelConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    students: dict[str, StudentConfig] = Field(default_factory=_default_students)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class ConfigError(ValueError):
+    """A config problem, with a message that says where it is and how to fix it."""
+
+
+def _yaml_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each dotted key path in a YAML document to its 1-based line number."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key_path = (*path, str(key_node.value))
+                lines[key_path] = key_node.start_mark.line + 1
+                walk(value_node, key_path)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines[(*path, str(i))] = item.start_mark.line + 1
+                walk(item, (*path, str(i)))
+
+    root = yaml.compose(text)
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def parse_override(override: str) -> tuple[list[str], Any]:
+    """``"train.lr=3e-4"`` → (["train", "lr"], 3e-4); the value is parsed as YAML."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not of the form key.subkey=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {override!r} has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    # YAML 1.1 reads 3e-4 as a string; the user means a number.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            pass
+    return parts, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set each dotted override in a nested dict (creating sub-dicts as needed)."""
+    for override in overrides:
+        parts, value = parse_override(override)
+        node = data
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+    return data
+
+
+def _fields_at(schema: type[BaseModel], loc: tuple) -> list[str]:
+    """The valid field names of the sub-model reached by following ``loc`` from ``schema``."""
+    model: Any = schema
+    for part in loc:
+        if isinstance(part, int) or not (isinstance(model, type) and issubclass(model, BaseModel)):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            # a key of a dict-valued field (e.g. students.<name>): descend into its value type
+            continue
+        annotation = field.annotation
+        model = _first_model(annotation)
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return list(model.model_fields)
+    return []
+
+
+def _first_model(annotation: Any) -> Any:
+    """The first BaseModel class inside an annotation like ``X | None`` or ``dict[str, X]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _first_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _format_errors(
+    err: ValidationError,
+    schema: type[BaseModel],
+    source: str,
+    lines: dict[tuple[str, ...], int],
+    overridden: set[tuple[str, ...]],
+) -> str:
+    messages = []
+    for e in err.errors():
+        loc = tuple(str(p) for p in e["loc"])
+        key = ".".join(loc) or "(top level)"
+        where = source
+        if loc in overridden:
+            where = "command-line override"
+        elif loc in lines:
+            where = f"{source}:{lines[loc]}"
+        elif loc[:-1] in lines:
+            where = f"{source}:{lines[loc[:-1]]}"
+        if e["type"] == "extra_forbidden":
+            valid = _fields_at(schema, e["loc"][:-1])
+            close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+            hint = f"did you mean '{'.'.join((*loc[:-1], close[0]))}'?" if close else ""
+            options = f"valid keys here: {', '.join(valid)}" if valid else ""
+            messages.append(f"{where}: unknown key '{key}'. " + " ".join(x for x in (hint, options) if x))
+        elif e["type"] == "missing":
+            messages.append(f"{where}: missing required key '{key}'")
+        else:
+            got = e.get("input")
+            got_s = f" (got {got!r}, a {type(got).__name__})" if not isinstance(got, dict) else ""
+            messages.append(f"{where}: key '{key}': {e['msg']}{got_s}")
+    return "invalid config:\n  " + "\n  ".join(messages)
+
+
+def load_config(path: str | Path | None, schema: type[M], overrides: list[str] | None = None) -> M:
+    """Load a YAML config (or the schema's defaults when ``path`` is None), apply overrides, validate."""
+    overrides = overrides or []
+    source = str(path) if path is not None else "(defaults)"
+    text = ""
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        text = p.read_text()
+    try:
+        data = yaml.safe_load(text) if text else {}
+        lines = _yaml_lines(text) if text else {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{source}{line}: invalid YAML: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(data).__name__}")
+    apply_overrides(data, overrides)
+    overridden = {tuple(parse_override(o)[0]) for o in overrides}
+    try:
+        return schema.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, schema, source, lines, overridden)) from None
+
+
+def dump_config(config: BaseModel) -> str:
+    """The resolved config as YAML (what ``distillery config show`` prints)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def config_hash(*parts: Any) -> str:
+    """A short, stable fingerprint of config sections (used to decide whether a stage is stale)."""
+    payload = [p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts]
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

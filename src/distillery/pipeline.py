@@ -1,0 +1,299 @@
+"""``distillery run``: teacher → synthetic data → students → evaluation → report, resumable.
+
+Each stage records a fingerprint of the config it depends on (and of its inputs) in
+``<run_dir>/stages/<stage>.json`` once it has finished; a re-run skips a stage whose outputs
+exist under the same fingerprint and redoes it (and what depends on it) otherwise. Speed is
+measured again on every run, so the tokens/s of all models always come from one process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from distillery.config import (
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    TokenizerConfig,
+    TrainJobConfig,
+    config_hash,
+    dump_config,
+    load_config,
+)
+from distillery.elicit import label_problems
+from distillery.evaluate import evaluate_model, paired_bootstrap_diff
+from distillery.evaluate.report import plot_accuracy, plot_losses, write_metrics, write_report_md
+from distillery.evaluate.run import batch1_tokens_per_s
+from distillery.models import read_meta
+from distillery.records import JsonlWriter, read_jsonl, sft_record, write_json_atomic
+from distillery.tasks import load_problems
+from distillery.teachers import HFTeacher, SamplingParams
+from distillery.train.job import run_train_job
+
+console = Console(stderr=True)
+
+
+class Stage:
+    """A finished-stage marker: ``done(fp)`` is true when the stage ran to the end under ``fp``."""
+
+    def __init__(self, run_dir: Path, name: str) -> None:
+        self.name = name
+        self.marker = run_dir / "stages" / f"{name}.json"
+
+    def done(self, fingerprint: str, *outputs: Path) -> bool:
+        if not self.marker.is_file() or not all(p.exists() for p in outputs):
+            return False
+        return json.loads(self.marker.read_text()).get("fingerprint") == fingerprint
+
+    def finish(self, fingerprint: str, **info: object) -> None:
+        write_json_atomic(self.marker, {"fingerprint": fingerprint, "finished": time.time(), **info})
+
+
+def prepare_teacher(cfg: RunConfig, run_dir: Path) -> tuple[Path, str]:
+    """The teacher's directory and fingerprint: the shipped one if it fits the task, else trained."""
+    shipped = Path(cfg.teacher.path)
+    task = cfg.task.model_dump(mode="json")
+    if (shipped / "config.json").is_file():
+        meta_task = read_meta(shipped).get("task")
+        if meta_task is None or meta_task == task:
+            console.print(f"teacher: using {shipped}")
+            return shipped, config_hash(str(shipped.resolve()), read_meta(shipped))
+        console.print(f"teacher: {shipped} was trained on another task config; training a new one")
+    if not cfg.teacher.recipe:
+        raise FileNotFoundError(
+            f"teacher.path {shipped} has no model and teacher.recipe is empty: give a model directory"
+        )
+    recipe = load_config(cfg.teacher.recipe, TrainJobConfig)
+    recipe.data.task = cfg.task
+    out = run_dir / "teacher"
+    recipe.output_dir = str(out)
+    fp = config_hash(recipe)
+    stage = Stage(run_dir, "teacher")
+    if not stage.done(fp, out / "config.json"):
+        console.rule("teacher: training from the recipe " + cfg.teacher.recipe)
+        run_train_job(recipe)
+        stage.finish(fp)
+    return out, fp
+
+
+def write_ground_truth(problems: list, target: str, path: Path) -> None:
+    writer = JsonlWriter(path)
+    writer.write(
+        sft_record(p.id, p.prompt, p.target(target), p.reference, method="ground_truth",
+                   seed_id=p.id, target=target)
+        for p in problems
+    )
+    writer.finish()
+
+
+def make_data(cfg: RunConfig, run_dir: Path, teacher_dir: Path, teacher_fp: str) -> dict[str, Path]:
+    """Training records per student: ground truth from the task, or labeled by the teacher."""
+    problems = load_problems(cfg.task, "train", cfg.generate.num_problems, seed=cfg.generate.seed)
+    data_dir = run_dir / "data"
+    paths: dict[str, Path] = {}
+    for name, s in cfg.students.items():
+        if s.data == "ground_truth":
+            path = data_dir / f"ground_truth_{s.target}.jsonl"
+            fp = config_hash(cfg.task, cfg.generate.num_problems, cfg.generate.seed, s.target)
+            stage = Stage(run_dir, f"data_ground_truth_{s.target}")
+            if not stage.done(fp, path):
+                write_ground_truth(problems, s.target, path)
+                stage.finish(fp, records=len(problems))
+        else:
+            path = data_dir / "teacher_labeled.jsonl"
+            fp = config_hash(cfg.task, cfg.generate, teacher_fp)
+            stage = Stage(run_dir, "data_teacher")
+            if not stage.done(fp, path):
+                if path.exists():
+                    path.unlink()  # stale: made under another config
+                console.rule(f"elicit: teacher labels {len(problems)} problems")
+                teacher = HFTeacher.from_pretrained(teacher_dir, batch_size=cfg.generate.batch_size)
+                params = SamplingParams(
+                    max_new_tokens=cfg.generate.max_new_tokens, temperature=cfg.generate.temperature,
+                    top_p=cfg.generate.top_p, seed=cfg.generate.seed,
+                )
+                t0 = time.perf_counter()
+                label_problems(problems, teacher, params, path, chunk_size=cfg.generate.batch_size)
+                stage.finish(fp, records=len(problems), seconds=time.perf_counter() - t0)
+        paths[name] = path
+    return paths
+
+
+def train_students(
+    cfg: RunConfig, run_dir: Path, teacher_dir: Path, teacher_fp: str, data: dict[str, Path]
+) -> dict[str, tuple[Path, str]]:
+    """Train each student on its records (same architecture, same steps); skip finished ones."""
+    out: dict[str, tuple[Path, str]] = {}
+    for name, s in cfg.students.items():
+        train_cfg = cfg.train.model_copy(update={"objective": s.objective})
+        if s.kd_ratio is not None:
+            train_cfg.kd_ratio = s.kd_ratio
+        job = TrainJobConfig(
+            output_dir=str(run_dir / "students" / name),
+            model=cfg.student,
+            tokenizer=TokenizerConfig(path=str(teacher_dir)),  # students share the teacher's tokenizer
+            teacher=ModelConfig(path=str(teacher_dir), device=cfg.student.device) if s.objective == "logit_kd" else None,
+            data=DataConfig(path=str(data[name]), num_examples=cfg.generate.num_problems),
+            train=train_cfg,
+        )
+        fp = config_hash(job, _file_fp(data[name]), teacher_fp if s.objective == "logit_kd" else None)
+        stage = Stage(run_dir, f"train_{name}")
+        if not stage.done(fp, Path(job.output_dir) / "config.json"):
+            console.rule(f"train {name}: {s.objective} on {s.data} ({s.target if s.data == 'ground_truth' else 'teacher text'})")
+            result = run_train_job(job)
+            stage.finish(fp, seconds=result.seconds, final_loss=result.final_loss)
+        out[name] = (Path(job.output_dir), fp)
+    return out
+
+
+def _file_fp(path: Path) -> str:
+    """Content hash of a data file: the same records train to the same student."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def evaluate_all(cfg: RunConfig, run_dir: Path, models: dict[str, tuple[Path, str]]) -> dict[str, dict]:
+    """Accuracy of every model on the same held-out problems; speed re-measured every run."""
+    problems = load_problems(cfg.task, "eval", cfg.eval.num_problems, seed=cfg.eval.seed)
+    results: dict[str, dict] = {}
+    for name, (model_dir, model_fp) in models.items():
+        path = run_dir / "eval" / f"{name}.json"
+        fp = config_hash(cfg.task, cfg.eval, model_fp)
+        stage = Stage(run_dir, f"eval_{name}")
+        teacher = HFTeacher.from_pretrained(model_dir, batch_size=cfg.eval.batch_size)
+        if stage.done(fp, path):
+            res = json.loads(path.read_text())
+        else:
+            console.rule(f"evaluate {name} on {len(problems)} held-out problems")
+            res = evaluate_model(teacher, problems, cfg.eval)
+            write_json_atomic(path, res)
+            stage.finish(fp)
+        params = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens, temperature=0.0)
+        convs = [[{"role": "user", "content": p.prompt}] for p in problems[: cfg.eval.speed_prompts]]
+        res["tokens_per_s"] = batch1_tokens_per_s(teacher, convs, params)
+        results[name] = res
+        console.print(
+            f"{name}: accuracy {res['accuracy']:.3f} [{res['ci95'][0]:.3f}, {res['ci95'][1]:.3f}], "
+            f"{res['tokens_per_s']:.0f} tok/s at batch 1"
+        )
+    return results
+
+
+def run_pipeline(cfg: RunConfig) -> dict:
+    """Run every stage of the demo pipeline into ``cfg.run_dir``; returns metrics.json's content."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    start = time.perf_counter()
+
+    teacher_dir, teacher_fp = prepare_teacher(cfg, run_dir)
+    data = make_data(cfg, run_dir, teacher_dir, teacher_fp)
+    students = train_students(cfg, run_dir, teacher_dir, teacher_fp, data)
+    models = {"teacher": (teacher_dir, teacher_fp), **students}
+    results = evaluate_all(cfg, run_dir, models)
+    metrics = write_report(cfg, run_dir, results, students, data, teacher_dir)
+    console.print(f"done in {time.perf_counter() - start:.0f}s: {run_dir / 'report.md'}")
+    return metrics
+
+
+def write_report(
+    cfg: RunConfig, run_dir: Path, results: dict[str, dict], students: dict, data: dict[str, Path],
+    teacher_dir: Path,
+) -> dict:
+    """metrics.json, accuracy.png, loss_curves.png and report.md from the evaluation results."""
+    comparisons = {}
+    names = list(cfg.students)
+    base = next((n for n in names if cfg.students[n].data == "ground_truth"), None)
+    for n in names:
+        if n != base and base is not None:
+            a = [float(i["correct"]) for i in results[n]["items"]]
+            b = [float(i["correct"]) for i in results[base]["items"]]
+            diff, lo, hi = paired_bootstrap_diff(a, b, cfg.eval.bootstrap_resamples, seed=cfg.eval.seed)
+            comparisons[f"{n} - {base}"] = {"accuracy_diff": diff, "ci95": [lo, hi]}
+    for n in names:
+        a = [float(i["correct"]) for i in results[n]["items"]]
+        b = [float(i["correct"]) for i in results["teacher"]["items"]]
+        diff, lo, hi = paired_bootstrap_diff(a, b, cfg.eval.bootstrap_resamples, seed=cfg.eval.seed)
+        comparisons[f"{n} - teacher"] = {"accuracy_diff": diff, "ci95": [lo, hi]}
+    metrics = write_metrics(
+        run_dir / "metrics.json", results, task=_task_name(cfg), n_eval=cfg.eval.num_problems,
+        extra={"comparisons": comparisons},
+    )
+    plot_accuracy(metrics["models"], run_dir / "accuracy.png")
+    histories = {n: read_jsonl(d / "train_log.jsonl") for n, (d, _) in students.items()
+                 if (d / "train_log.jsonl").is_file()}
+    plot_losses(histories, run_dir / "loss_curves.png")
+    write_report_md(run_dir / "report.md", metrics, _report_sections(cfg, metrics, results, data, teacher_dir))
+    return metrics
+
+
+def _task_name(cfg: RunConfig) -> str:
+    t = cfg.task
+    if t.name == "jsonl":
+        return f"jsonl:{t.path}"
+    return f"arithmetic(operands={t.num_operands}, digits={t.digits}, ops={''.join(t.operations)}, style={t.style})"
+
+
+def _report_sections(
+    cfg: RunConfig, metrics: dict, results: dict, data: dict[str, Path], teacher_dir: Path
+) -> list[str]:
+    m = metrics["models"]
+    t = m["teacher"]
+    lines = [f"# distillery report: {cfg.run_dir}", "", f"Task: `{metrics['task']}`, "
+             f"{metrics['n_eval']} held-out problems (disjoint from training by construction), greedy decoding."]
+    out = [lines[0] + "\n\n" + lines[2]]
+    body = ["## What distillation bought", ""]
+    for key, c in metrics["comparisons"].items():
+        lo, hi = c["ci95"]
+        sign = "+" if c["accuracy_diff"] >= 0 else ""
+        body.append(f"- **{key}**: {sign}{100 * c['accuracy_diff']:.1f} points, paired bootstrap 95% CI "
+                    f"[{100 * lo:+.1f}, {100 * hi:+.1f}]" + (" (excludes 0)" if lo > 0 or hi < 0 else " (includes 0)"))
+    for name in cfg.students:
+        s = m[name]
+        keep = f"{100 * s['accuracy'] / t['accuracy']:.0f}%" if t["accuracy"] > 0 else "n/a (teacher at 0%)"
+        body.append(f"- **{name}** keeps {keep} of the teacher's accuracy with "
+                    f"{t['params'] / s['params']:.1f}× fewer parameters at {s['tokens_per_s'] / t['tokens_per_s']:.2f}× "
+                    f"the teacher's batch-1 decode speed.")
+    gt = next((n for n in cfg.students if cfg.students[n].data == "ground_truth"), None)
+    dist = next((n for n in cfg.students if cfg.students[n].data == "teacher"), None)
+    if gt and dist:
+        separated = m[dist]["ci95"][0] > m[gt]["ci95"][1]
+        body.append(f"- The 95% CIs of {dist} and {gt} {'do not overlap' if separated else 'overlap'}.")
+    body += ["", "![accuracy](accuracy.png)", "", "## How each model was made", ""]
+    body.append(f"- **teacher**: `{teacher_dir}` (trained on ground-truth problems with canonical reasoning chains).")
+    for name, s in cfg.students.items():
+        what = (f"ground-truth problems, assistant turn = {'the canonical chain' if s.target == 'chain' else 'the final answer only (`#answer`)'}"
+                if s.data == "ground_truth" else "the same problems labeled by the teacher with its own reasoning chains (the teacher never saw the answers)")
+        obj = s.objective if s.objective == "sft" else f"logit_kd (kd_ratio {s.kd_ratio if s.kd_ratio is not None else cfg.train.kd_ratio}, T={cfg.train.temperature})"
+        body.append(f"- **{name}**: {cfg.student.num_layers} layers × {cfg.student.hidden_size} hidden, {cfg.train.steps} steps of "
+                    f"{obj} at batch {cfg.train.batch_size}, on {what}.")
+    teacher_data = next((p for p in data.values() if p.name == "teacher_labeled.jsonl"), None)
+    if teacher_data is not None and teacher_data.is_file():
+        recs = read_jsonl(teacher_data)
+        no_ans = sum(r["meta"].get("parsed_answer") is None for r in recs)
+        body.append(f"- Teacher-written data: {len(recs)} records, {no_ans} without a parsable answer "
+                    "(kept: the student learns the teacher's behaviour, errors included).")
+    body += ["", "## Answer-format failures", "",
+             "`no answer` counts outputs where the extractor found no `#answer`; they are scored wrong, "
+             "and listed apart from wrong answers.", ""]
+    for name, r in results.items():
+        wrong = sum(1 for i in r["items"] if i["answer"] is not None and not i["correct"])
+        body.append(f"- {name}: {r['no_answer']} no answer, {wrong} wrong answer, "
+                    f"{sum(i['correct'] for i in r['items'])} correct")
+    body += ["", "## Samples (first 5 held-out problems)", ""]
+    for item_idx in range(min(5, metrics["n_eval"])):
+        body.append(f"- `{results['teacher']['items'][item_idx]['prompt']}` → reference `{results['teacher']['items'][item_idx]['reference']}`")
+        for name, r in results.items():
+            it = r["items"][item_idx]
+            body.append(f"  - {name}: `{it['output']}` {'✓' if it['correct'] else '✗'}")
+    body += ["", "![training loss](loss_curves.png)", "",
+             "Speed: decode tokens/s at batch 1 over the first "
+             f"{cfg.eval.speed_prompts} held-out prompts, measured for all models in the same process "
+             "on this run; batched tokens/s is the throughput of the evaluation batches "
+             f"(batch {cfg.eval.batch_size}). Files: `metrics.json`, `eval/*.json` (every output), `config.yaml`."]
+    out.append("\n".join(body))
+    return out
