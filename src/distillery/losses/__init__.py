@@ -1,5 +1,44 @@
-"""Distillation losses: pure functions of student and teacher distributions."""
+"""Distillation losses: divergences, the CE mix, dense / sparse / fused-linear forms, feature and
+relation losses. The training loop calls :func:`distillation_loss` with a :class:`LossSpec`."""
 
-from distillery.losses.divergences import forward_kl
+from distillery.losses.api import distillation_loss, fused_kd_loss_from_model, lm_head_inputs
+from distillery.losses.divergences import (
+    REGISTRY,
+    Divergence,
+    available_divergences,
+    forward_kl,
+    get_divergence,
+    register,
+)
+from distillery.losses.fused import (
+    TeacherHidden,
+    TeacherLogits,
+    TeacherTopK,
+    fused_linear_kd,
+)
+from distillery.losses.reduce import reduce_per_token, resolve_mask, token_weights
+from distillery.losses.spec import LossSpec, MixTerm
+from distillery.losses.terms import Term, make_term
 
-__all__ = ["forward_kl"]
+__all__ = [
+    "REGISTRY",
+    "Divergence",
+    "LossSpec",
+    "MixTerm",
+    "TeacherHidden",
+    "TeacherLogits",
+    "TeacherTopK",
+    "Term",
+    "available_divergences",
+    "distillation_loss",
+    "forward_kl",
+    "fused_kd_loss_from_model",
+    "fused_linear_kd",
+    "get_divergence",
+    "lm_head_inputs",
+    "make_term",
+    "reduce_per_token",
+    "register",
+    "resolve_mask",
+    "token_weights",
+]

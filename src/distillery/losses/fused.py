@@ -1,0 +1,310 @@
+"""Fused linear form: the student's lm_head projection and the loss in one chunked pass.
+
+The student gives hidden states ``[tokens, hidden]`` (or ``[batch, seq, hidden]``) and its
+lm_head ``weight [vocab, hidden]`` (+ optional ``bias [vocab]``); the teacher gives full logits,
+or top-k (ids, log-probs, log tail), or its own hidden states + lm_head. The loss is computed over
+chunks of ``chunk_tokens`` counted tokens inside one ``torch.autograd.Function``:
+
+* per chunk: ``z = h_c @ W.T`` (``[chunk, vocab]``), the log-softmaxes, each divergence's value
+  and its closed-form gradient wrt ``log q`` (see :mod:`distillery.losses.divergences`), turned
+  into ``g = ∂loss/∂z`` through the softmax Jacobian; then ``grad_h_c = g @ W`` and
+  ``grad_W += g.T @ h_c`` in place. The gradients are computed in the forward pass and stashed
+  (``grad_W`` is one ``[vocab, hidden]`` tensor, the size of the weight), so backward only scales
+  them by the incoming gradient. No ``[tokens, vocab]`` tensor ever exists and there is no
+  autograd graph over the logits; peak extra memory ≈ ``grad_W`` + a few ``[chunk, vocab]``
+  buffers.
+* uncounted positions (prompt, padding) are skipped: they cost nothing and get zero gradient.
+* the teacher gets no gradient (it is frozen); its tensors are read under ``no_grad``.
+
+Tied embeddings work as is: the lm_head weight is the embedding Parameter, and autograd adds
+this function's ``grad_W`` to the embedding's gradient. Backward can run once per forward (the
+stash is handed to autograd to avoid a 1 GB copy at large vocabularies).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from distillery.losses.divergences import upcast
+from distillery.losses.forms import sparse_teacher_log_probs
+from distillery.losses.reduce import resolve_mask, token_weights
+from distillery.losses.terms import Term
+
+
+@dataclass
+class TeacherLogits:
+    """Teacher as full logits ``[batch, seq, vocab]`` or ``[tokens, vocab]``."""
+
+    logits: torch.Tensor
+
+
+@dataclass
+class TeacherTopK:
+    """Teacher as top-k: ``ids``/``logprobs`` ``[batch, seq, k]`` (or ``[tokens, k]``), and the
+    log tail mass ``[batch, seq]`` (or ``[tokens]``), optional."""
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    log_tail: torch.Tensor | None = None
+
+
+@dataclass
+class TeacherHidden:
+    """Teacher as hidden states ``[batch, seq, hidden_t]`` (or ``[tokens, hidden_t]``) and its
+    lm_head ``weight [vocab, hidden_t]`` (+ ``bias [vocab]``)."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+
+Teacher = TeacherLogits | TeacherTopK | TeacherHidden
+
+
+@dataclass
+class _Plan:
+    """Everything the autograd Function needs besides the student's tensors."""
+
+    teacher: Teacher
+    terms: list[Term]
+    temperature: float
+    ce_weight: float
+    labels: torch.Tensor | None  # [tokens], only read when ce_weight > 0
+    weights: torch.Tensor  # [tokens], reduction weights, 0 for uncounted
+    rows: torch.Tensor  # [counted] indices of counted tokens
+    chunk_tokens: int
+    tail_policy: str
+    need_grad: bool
+    reusable: bool = False  # keep the stash so backward can run more than once
+
+
+def _flat(x: torch.Tensor, trailing: int) -> torch.Tensor:
+    """Merge the leading dims, keeping ``trailing`` trailing dims."""
+    return x.reshape(-1, *x.shape[x.dim() - trailing :]) if trailing else x.reshape(-1)
+
+
+def _teacher_log_p(plan: _Plan, rows: torch.Tensor, vocab: int, dtype: torch.dtype) -> torch.Tensor:
+    """The teacher's log-probabilities for the chunk's rows, over the form's support."""
+    t, temp = plan.teacher, plan.temperature
+    if isinstance(t, TeacherLogits):
+        z = upcast(_flat(t.logits, 1).index_select(0, rows)).to(dtype)
+    elif isinstance(t, TeacherHidden):
+        h = _flat(t.hidden, 1).index_select(0, rows)
+        z = upcast(F.linear(h, t.weight, t.bias)).to(dtype)
+    else:
+        ids = _flat(t.ids, 1).index_select(0, rows).long()
+        lp = _flat(t.logprobs, 1).index_select(0, rows)
+        tail = None if t.log_tail is None else _flat(t.log_tail, 0).index_select(0, rows)
+        return sparse_teacher_log_probs(ids, lp, tail, plan.tail_policy, temp, vocab).to(dtype)
+    if temp != 1.0:
+        z.div_(temp)
+    return z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))
+
+
+def _chunk(
+    plan: _Plan, h_c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    rows: torch.Tensor, parts: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Loss contribution of one chunk (scalar) and ``g = ∂loss/∂z`` ``[chunk, vocab]``.
+
+    ``parts`` (``[n_terms + 1]``) accumulates each reduced divergence and the CE, for metrics.
+    """
+    temp, vocab = plan.temperature, weight.shape[0]
+    z = upcast(F.linear(h_c, weight, bias))
+    dtype = z.dtype
+    w_c = plan.weights.index_select(0, rows).to(dtype)
+    # student log q at temperature T over the full vocabulary
+    s = z / temp if temp != 1.0 else z
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    log_q_full = s - lse
+    if s is not z:
+        del s
+    log_p = _teacher_log_p(plan, rows, vocab, dtype)
+
+    # the student's log q over the teacher's support, and how it maps back to the vocabulary
+    mapping, ids = "full", None
+    if isinstance(plan.teacher, TeacherTopK) and plan.tail_policy != "uniform_tail":
+        ids = _flat(plan.teacher.ids, 1).index_select(0, rows).long()
+        k = ids.shape[-1]
+        if plan.tail_policy == "renormalize" or k == vocab:
+            mapping = "gather"
+            log_q = F.log_softmax(log_q_full.gather(-1, ids), dim=-1)
+        else:
+            mapping = "bucket"
+            outside = log_q_full.scatter(-1, ids, float("-inf"))
+            log_bucket = torch.logsumexp(outside, dim=-1, keepdim=True)
+            del outside
+            log_q = torch.cat([log_q_full.gather(-1, ids), log_bucket], dim=-1)
+    else:
+        log_q = log_q_full
+
+    total = torch.zeros(z.shape[0], dtype=dtype, device=z.device)
+    a_sum: torch.Tensor | None = None
+    for i, term in enumerate(plan.terms):
+        if plan.need_grad:
+            value, a = term.divergence.value_and_grad(log_p, log_q, **term.params)
+            a_sum = a.mul_(term.weight) if a_sum is None else a_sum.add_(a, alpha=term.weight)
+            del a
+        else:
+            value = term.divergence.value(log_p, log_q, **term.params)
+        parts[i] += (w_c * value).sum()
+        total += term.weight * value
+    del log_p
+
+    ce = None
+    if plan.ce_weight:
+        labels = plan.labels.index_select(0, rows).long()
+        # CE is at T = 1, on the raw logits
+        lse1 = lse if temp == 1.0 else torch.logsumexp(z, dim=-1, keepdim=True)
+        ce = (lse1 - z.gather(-1, labels.unsqueeze(-1))).squeeze(-1)
+        parts[-1] += (w_c * ce).sum()
+        total += plan.ce_weight * ce
+    loss = (w_c * total).sum()
+    if not plan.need_grad:
+        return loss, None
+
+    # g over s = z / T through the softmax Jacobian: ∂D/∂s_j = a_j − q_j Σ a (per support type)
+    if a_sum is None:
+        g = torch.zeros_like(z)
+    elif mapping == "full":
+        a_tot = a_sum.sum(-1, keepdim=True)
+        g = a_sum.sub_(log_q_full.exp_().mul_(a_tot))
+    elif mapping == "gather":
+        gk = a_sum - log_q.exp() * a_sum.sum(-1, keepdim=True)
+        g = torch.zeros_like(z).scatter_(-1, ids, gk)
+    else:
+        k = ids.shape[-1]
+        a_tot = a_sum.sum(-1, keepdim=True)
+        a_bucket = a_sum[:, k:]
+        q = log_q_full.exp_()
+        # off-top-k ids feel the bucket: ∂log q_B/∂s_j = q_j / q_B − q_j
+        g = q * (a_bucket * torch.exp(-log_q[:, k:]) - a_tot)
+        g.scatter_(-1, ids, a_sum[:, :k] - q.gather(-1, ids) * a_tot)
+    del log_q_full, log_q
+    if temp != 1.0:
+        g.div_(temp)
+    if ce is not None:
+        # ∂CE/∂z = softmax(z) − onehot(label)
+        p1 = torch.softmax(z, dim=-1)
+        p1.scatter_add_(-1, labels.unsqueeze(-1), -torch.ones_like(labels, dtype=dtype).unsqueeze(-1))
+        g.add_(p1, alpha=plan.ce_weight)
+        del p1
+    del z
+    g.mul_(w_c.unsqueeze(-1))
+    return loss, g
+
+
+class FusedLinearKD(torch.autograd.Function):
+    """``(hidden [N, H], weight [V, H], bias [V] | None, plan) -> (loss [], parts [n_terms + 1])``.
+
+    ``parts`` holds each reduced divergence (unweighted) and the CE last; it has no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, plan):  # noqa: ANN001, ANN205 - autograd signature
+        out_dtype = upcast(hidden[:0]).dtype
+        parts = torch.zeros(len(plan.terms) + 1, dtype=out_dtype, device=hidden.device)
+        loss = torch.zeros((), dtype=out_dtype, device=hidden.device)
+        grad_h = torch.zeros_like(hidden) if plan.need_grad else None
+        grad_w = torch.zeros_like(weight) if plan.need_grad else None
+        grad_b = torch.zeros_like(bias) if plan.need_grad and bias is not None else None
+        for start in range(0, plan.rows.numel(), plan.chunk_tokens):
+            rows = plan.rows[start : start + plan.chunk_tokens]
+            h_c = hidden.index_select(0, rows)
+            with torch.no_grad():
+                chunk_loss, g = _chunk(plan, h_c, weight, bias, rows, parts)
+            loss += chunk_loss
+            if g is not None:
+                g = g.to(weight.dtype)
+                grad_h.index_copy_(0, rows, g @ weight)
+                grad_w.addmm_(g.t(), h_c)
+                if grad_b is not None:
+                    grad_b += g.sum(0)
+            del g
+        ctx.stash = (grad_h, grad_w, grad_b)
+        ctx.reusable = plan.reusable
+        ctx.mark_non_differentiable(parts)
+        return loss, parts
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_parts):  # noqa: ANN001, ANN205 - autograd signature
+        if ctx.stash is None:
+            raise RuntimeError(
+                "FusedLinearKD: backward ran twice and the stashed gradients were handed over the "
+                "first time; call fused_linear_kd(..., reusable=True) to allow it"
+            )
+        grad_h, grad_w, grad_b = ctx.stash
+        if ctx.reusable:
+            grad_h, grad_w = grad_h.clone(), grad_w.clone()
+            grad_b = None if grad_b is None else grad_b.clone()
+        else:
+            ctx.stash = None
+        if grad_h is None:
+            return None, None, None, None
+        scale = grad_loss.to(grad_h.dtype)
+        # in place: grad_w is as big as the lm_head; a scaled copy would double the peak
+        if not bool(scale == 1):
+            grad_h.mul_(scale)
+            grad_w.mul_(scale)
+            if grad_b is not None:
+                grad_b.mul_(scale)
+        return (
+            grad_h if ctx.needs_input_grad[0] else None,
+            grad_w if ctx.needs_input_grad[1] else None,
+            grad_b if ctx.needs_input_grad[2] else None,
+            None,
+        )
+
+
+def fused_linear_kd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    teacher: Teacher,
+    terms: list[Term],
+    *,
+    bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ce_weight: float = 0.0,
+    reduction: str = "token",
+    chunk_tokens: int = 256,
+    tail_policy: str = "tail_bucket",
+    reusable: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused-linear distillation loss; returns ``(loss, parts)`` (see :class:`FusedLinearKD`).
+
+    hidden: ``[batch, seq, hidden]`` or ``[tokens, hidden]``; weight: ``[vocab, hidden]``;
+    mask/labels: ``[batch, seq]`` (or ``[tokens]``), aligned with the hidden states' positions.
+    ``loss = Σ_t w_t·(Σ_i weight_i·D_i(t) + ce_weight·CE(t))`` where ``w_t`` are the reduction
+    weights of :func:`distillery.losses.reduce.token_weights`.
+
+    Backward hands the stashed gradients to autograd (no copy), so it can run once per forward;
+    ``reusable=True`` keeps them (a copy per backward) for ``retain_graph=True`` or gradcheck.
+    """
+    if chunk_tokens < 1:
+        raise ValueError("chunk_tokens must be >= 1")
+    positions = hidden.shape[:-1]
+    m = resolve_mask(mask, labels, positions, device=hidden.device)
+    weights = _flat(token_weights(m, reduction, upcast(hidden[:0]).dtype), 0)
+    rows = _flat(m, 0).nonzero().squeeze(-1)
+    if ce_weight and labels is None:
+        raise ValueError("ce_weight > 0 needs labels")
+    need_grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    plan = _Plan(
+        teacher=teacher, terms=terms, temperature=float(temperature), ce_weight=float(ce_weight),
+        labels=None if labels is None else _flat(labels, 0).to(hidden.device),
+        weights=weights, rows=rows, chunk_tokens=int(chunk_tokens), tail_policy=tail_policy,
+        need_grad=need_grad, reusable=reusable,
+    )
+    if math.isnan(plan.temperature) or plan.temperature <= 0:
+        raise ValueError("temperature must be > 0")
+    flat_h = _flat(hidden, 1)
+    loss, parts = FusedLinearKD.apply(flat_h, weight, bias, plan)
+    return loss, parts
