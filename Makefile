@@ -1,0 +1,48 @@
+# distillery: every target creates/updates .venv itself and is safe to re-run.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# the CPU wheel of torch; a plain `torch` would pull several GB of CUDA packages
+TORCH  ?= torch==2.13.0
+
+.PHONY: venv demo test test-slow bench lint format teacher clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[test,data,lora]"
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+## the main job: the built-in demo (configs/demo.yaml) into runs/demo/
+demo: $(STAMP)
+	$(BIN)/distillery run
+
+## fast tests (CI); end-to-end runs that take minutes are in test-slow
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+## benchmarks print JSON lines; the TRL baselines need the bench extra
+bench: $(STAMP)
+	$(BIN)/pip install --quiet -e ".[bench]"
+	$(BIN)/python bench/kd_loss.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/ruff format src tests bench
+
+## re-create the shipped demo teacher (assets/demo_teacher) from its recipe
+teacher: $(STAMP)
+	$(BIN)/distillery train configs/demo_teacher.yaml
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

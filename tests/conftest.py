@@ -1,0 +1,39 @@
+"""Shared fixtures: a tiny tokenizer and tiny Llama models, built locally (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def task_cfg():
+    from distillery.config import TaskConfig
+
+    return TaskConfig(num_operands=2, digits=(1, 2), operations=["+", "-"])
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(task_cfg):
+    from distillery.models import train_tokenizer
+    from distillery.tasks import load_problems
+
+    problems = load_problems(task_cfg, "train", 300, seed=0)
+    return train_tokenizer((p.prompt + " " + p.chain for p in problems), vocab_size=300)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A saved 1-layer Llama (random init) with its tokenizer: loaded like a user's model."""
+    import torch
+
+    from distillery.config import ModelConfig
+    from distillery.models import build_model, save_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, device="cpu"), tiny_tokenizer)
+    return save_model(model, tiny_tokenizer, tmp_path_factory.mktemp("tiny_model"))

@@ -1,0 +1,70 @@
+"""The local HF teacher (batched generation) and labeling (records, provenance, resume)."""
+
+from __future__ import annotations
+
+import json
+
+from distillery.elicit import label_problems
+from distillery.records import validate_sft_records
+from distillery.tasks import load_problems
+from distillery.teachers import HFTeacher, SamplingParams
+
+
+def _convs(prompts):
+    return [[{"role": "user", "content": p}] for p in prompts]
+
+
+def test_batched_greedy_equals_one_at_a_time(tiny_model_dir):
+    # left padding must not change what a row generates
+    teacher = HFTeacher.from_pretrained(tiny_model_dir, device="cpu")
+    prompts = ["1+2", "12+34-5", "7", "99-98+97-96"]
+    params = SamplingParams(max_new_tokens=10, temperature=0.0)
+    batched = [g[0].text for g in teacher.generate(_convs(prompts), params, batch_size=4)]
+    single = [teacher.generate(_convs([p]), params, batch_size=1)[0][0].text for p in prompts]
+    assert batched == single
+    assert teacher.stats.tokens > 0 and teacher.stats.tokens_per_s > 0
+
+
+def test_sampling_returns_n_per_prompt_and_is_seeded(tiny_model_dir):
+    teacher = HFTeacher.from_pretrained(tiny_model_dir, device="cpu")
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, n=3, seed=5)
+    a = teacher.generate(_convs(["1+2", "3+4"]), params)
+    b = teacher.generate(_convs(["1+2", "3+4"]), params)
+    assert [len(x) for x in a] == [3, 3]
+    assert [[g.text for g in x] for x in a] == [[g.text for g in x] for x in b]
+    assert all(g.finish_reason in ("stop", "length") for x in a for g in x)
+    assert all(g.num_tokens <= 8 for x in a for g in x)
+
+
+class CountingTeacher:
+    """A real HF teacher that also counts the conversations it was asked to continue."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.seen = inner, inner.name, 0
+
+    def generate(self, conversations, params):
+        self.seen += len(conversations)
+        return self.inner.generate(conversations, params)
+
+
+def test_labeling_writes_contract_records_and_resumes(tmp_path, tiny_model_dir, task_cfg):
+    problems = load_problems(task_cfg, "train", 12, seed=0)
+    teacher = CountingTeacher(HFTeacher.from_pretrained(tiny_model_dir, device="cpu"))
+    params = SamplingParams(max_new_tokens=6)
+    out = tmp_path / "labeled.jsonl"
+    # a first run that "died" after 5 records: its partial file holds them
+    label_problems(problems[:5], teacher, params, out, chunk_size=4, show_progress=False)
+    out.rename(tmp_path / "labeled.jsonl.partial")
+    teacher.seen = 0
+    label_problems(problems, teacher, params, out, chunk_size=4, show_progress=False)
+    assert teacher.seen == 7  # only the missing ones were generated
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["meta"]["seed_id"] for r in records] == [p.id for p in problems]
+    assert len({r["id"] for r in records}) == 12
+    validate_sft_records(records, str(out))
+    r = records[0]
+    assert r["messages"][0] == {"role": "user", "content": problems[0].prompt}
+    assert r["reference"] is None  # the teacher labels unlabeled problems
+    assert r["meta"]["method"] == "labeling" and r["meta"]["teacher"] == str(tiny_model_dir)
+    assert r["meta"]["sampling"]["max_new_tokens"] == 6
+    assert not (tmp_path / "labeled.jsonl.partial").exists()
