@@ -150,11 +150,6 @@ def test_wrong_literal_in_list_names_element_line(tmp_path):
     assert "task.operations" in msg
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config._format_errors matches overrides by exact loc; union-tag / list-index / deeper locs "
-    "of an overridden key are blamed on the file's line instead of the command-line override",
-)
 @pytest.mark.parametrize(
     "override",
     ["task.digits=abc", "task.operations=[+,/]", "train.foo.bar=1"],
@@ -190,11 +185,6 @@ def test_unclosed_bracket_is_invalid_yaml_naming_the_file(tmp_path):
     assert "invalid YAML" in msg
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="load_config reports only the YAML problem_mark (line 3, where the parser gave up), "
-    "not the context_mark (line 2, where the '[' was opened)",
-)
 def test_unclosed_bracket_reports_the_line_of_the_bracket(tmp_path):
     path = _write(tmp_path, "task:\n  operations: ['+', '-'\ntrain:\n  lr: 1\n")
     msg = _error(path)
@@ -288,12 +278,6 @@ def test_overrides_into_dict_valued_section_from_file():
     assert set(cfg.students) == {"student_ground_truth", "student_distilled", "extra"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="apply_overrides edits only the file's dict, so an override under a dict-valued field the "
-    "file does not set (students.*) replaces the schema's default dict: the other default students "
-    "vanish silently, and tweaking one key of a default student fails as 'missing data'",
-)
 def test_override_of_one_default_student_keeps_the_other_defaults():
     cfg = load_config(None, RunConfig, ["students.student_distilled.data=teacher"])
     assert set(cfg.students) == set(RunConfig().students)
@@ -445,11 +429,6 @@ def test_cli_config_show_detects_train_job():
     assert TrainJobConfig.model_validate(shown) == load_config(REPO / "configs/demo_teacher.yaml", TrainJobConfig)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.config_show pre-parses the YAML with yaml.safe_load to pick the schema, so a YAML "
-    "error escapes as PyYAML's raw message ('<unicode string>') without the file name",
-)
 def test_cli_config_show_bad_yaml_names_the_file(tmp_path):
     path = _write(tmp_path, "train:\n  steps: 3\n\tlr: 1\n")
     out = _cli("config", "show", str(path))

@@ -157,10 +157,6 @@ def test_resume_after_a_real_sigkill(tmp_path):
     assert ids == [f"r{i}" for i in range(total)]  # nothing lost, nothing duplicated
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="JsonlWriter.done_ids iterates self.partial.open(...) without closing it (ResourceWarning)",
-)
 def test_done_ids_closes_its_file(tmp_path):
     w = JsonlWriter(tmp_path / "d.jsonl")
     w.write([_rec(0)])

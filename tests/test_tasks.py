@@ -160,18 +160,10 @@ def test_knobs_exact_values():
     assert {op for p in ps for op in _ops(p.prompt)} == set(ALL_OPS)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="TaskConfig accepts num_operands=1 (validator checks >= 1) but arithmetic._sample clamps "
-    "the count to max(lo, 2), so every problem silently has 2 operands",
-)
-def test_num_operands_one_is_respected_or_rejected():
-    try:
-        cfg = TaskConfig(num_operands=1)
-    except ValidationError:
-        return  # rejecting the knob is a fine fix
-    ps = generate_problems(cfg, "train", 20)
-    assert all(len(_operands(p.prompt)) == 1 for p in ps)
+def test_num_operands_one_is_rejected():
+    # a one-operand "problem" has no step to reason about; the generator cannot honour it
+    with pytest.raises(ValidationError, match="num_operands must be >= 2"):
+        TaskConfig(num_operands=1)
 
 
 def test_invalid_knobs_are_rejected():
@@ -241,11 +233,6 @@ def test_extract_answer_malformed_is_none(output):
     assert extract_answer(output) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="arithmetic._HASH_ANSWER is r'#\\s*(-?\\d+(?:\\.\\d+)?)' with no thousands separators, "
-    "so '#1,234' (GSM8K-style teacher output) is read as '1'",
-)
 def test_extract_answer_hash_with_thousands_separator():
     assert extract_answer("#1,234") == "1234"
 
@@ -275,11 +262,6 @@ def test_normalize_answer_of_formatted_integers(n):
     assert normalize_answer(f"{n}.0") == str(n)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="normalize_answer goes through float(): integers above 2**53 lose precision, so "
-    "is_correct accepts wrong answers of big products (task.digits >= 9 with '*')",
-)
 def test_big_integer_answers_are_compared_exactly():
     ps = generate_problems(TaskConfig(digits=10, num_operands=2, operations=["*"]), "train", 10)
     for p in ps:
@@ -288,11 +270,6 @@ def test_big_integer_answers_are_compared_exactly():
     assert normalize_answer(ps[0].reference) == ps[0].reference
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="normalize_answer: float('nan'/'inf'/'1e400') parses, then int(value) raises "
-    "ValueError/OverflowError outside the try, so a text answer like 'Nan' or 'Infinity' crashes",
-)
 @pytest.mark.parametrize("text", ["Nan", "Infinity", "inf", "1e400"])
 def test_normalize_answer_never_raises_on_strings(text):
     assert isinstance(normalize_answer(text), str)

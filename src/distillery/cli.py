@@ -82,20 +82,29 @@ def config_show(
     kind: str = typer.Option("auto", help="run | train | auto (train if the file has output_dir)"),
 ) -> None:
     """Print the resolved config (file + overrides + defaults) as YAML."""
-    import yaml
-
     try:
         config_path, overrides = _split_args(args)
-        schema = RunConfig
-        if kind == "train" or (
-            kind == "auto" and config_path and "output_dir" in (yaml.safe_load(Path(config_path).read_text()) or {})
-        ):
-            schema = TrainJobConfig
+        schema = TrainJobConfig if kind == "train" or (kind == "auto" and _looks_like_train_job(config_path)) else RunConfig
         cfg = load_config(config_path, schema, overrides)
-    except (ConfigError, OSError, yaml.YAMLError) as exc:
+    except ConfigError as exc:
         _fail(exc)
     sys.stdout.write(dump_config(cfg))
 
 
+def _looks_like_train_job(path: str | None) -> bool:
+    """A train-job config has a top-level ``output_dir``; anything unreadable goes to load_config."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) if path else None
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and "output_dir" in data
+
+
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -48,10 +49,10 @@ class TaskConfig(StrictModel):
     def _check(self) -> TaskConfig:
         if self.name == "jsonl" and not self.path:
             raise ValueError("task.name is 'jsonl' but task.path is not set: give the JSONL file")
-        for key in ("num_operands", "digits"):
+        for key, least in (("num_operands", 2), ("digits", 1)):
             lo, hi = _as_range(getattr(self, key))
-            if lo < 1 or hi < lo:
-                raise ValueError(f"task.{key} must be >= 1 and [min, max] with min <= max")
+            if lo < least or hi < lo:
+                raise ValueError(f"task.{key} must be >= {least}, as an int or [min, max] with min <= max")
         return self
 
 
@@ -251,10 +252,24 @@ def parse_override(override: str) -> tuple[list[str], Any]:
     return parts, value
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Set each dotted override in a nested dict (creating sub-dicts as needed)."""
+def apply_overrides(data: dict, overrides: list[str], schema: type[BaseModel] | None = None) -> dict:
+    """Set each dotted override in a nested dict (creating sub-dicts as needed).
+
+    With ``schema``, a section the file does not have starts from its default value, so that
+    ``students.student_distilled.kd_ratio=0.3`` edits the default students instead of
+    replacing them.
+    """
     for override in overrides:
         parts, value = parse_override(override)
+        if schema is not None and len(parts) > 1 and parts[0] not in data:
+            field = schema.model_fields.get(parts[0])
+            default = field.get_default(call_default_factory=True) if field is not None else None
+            if isinstance(default, BaseModel):
+                data[parts[0]] = default.model_dump(mode="json")
+            elif isinstance(default, dict):
+                data[parts[0]] = {
+                    k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for k, v in default.items()
+                }
         node = data
         for part in parts[:-1]:
             if not isinstance(node.get(part), dict):
@@ -292,6 +307,18 @@ def _first_model(annotation: Any) -> Any:
     return None
 
 
+_TYPE_TAG = re.compile(r"^(int|float|str|bool|none|bytes|[a-z_-]+\[.*\])$")
+
+
+def _is_type_tag(part: object) -> bool:
+    """Pydantic adds the union member tried (``int``, ``tuple[int, int]``) to error locations."""
+    return isinstance(part, str) and bool(_TYPE_TAG.match(part))
+
+
+def _is_prefix(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    return len(a) <= len(b) and b[: len(a)] == a
+
+
 def _format_errors(
     err: ValidationError,
     schema: type[BaseModel],
@@ -301,17 +328,17 @@ def _format_errors(
 ) -> str:
     messages = []
     for e in err.errors():
-        loc = tuple(str(p) for p in e["loc"])
+        loc = tuple(str(p) for p in e["loc"] if not _is_type_tag(p))
         key = ".".join(loc) or "(top level)"
         where = source
-        if loc in overridden:
+        if any(_is_prefix(loc, o) or _is_prefix(o, loc) for o in overridden):
             where = "command-line override"
         elif loc in lines:
             where = f"{source}:{lines[loc]}"
         elif loc[:-1] in lines:
             where = f"{source}:{lines[loc[:-1]]}"
         if e["type"] == "extra_forbidden":
-            valid = _fields_at(schema, e["loc"][:-1])
+            valid = _fields_at(schema, tuple(p for p in e["loc"][:-1] if not _is_type_tag(p)))
             close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
             hint = f"did you mean '{'.'.join((*loc[:-1], close[0]))}'?" if close else ""
             options = f"valid keys here: {', '.join(valid)}" if valid else ""
@@ -340,14 +367,17 @@ def load_config(path: str | Path | None, schema: type[M], overrides: list[str] |
         lines = _yaml_lines(text) if text else {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
+        n_lines = max(text.count("\n") + (not text.endswith("\n")), 1)
+        line = f":{min(mark.line + 1, n_lines)}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{source}{line}: invalid YAML: {problem}") from None
+        context, cmark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        opened = f" ({context} at line {cmark.line + 1})" if context and cmark is not None else ""
+        raise ConfigError(f"{source}{line}: invalid YAML: {problem}{opened}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(data).__name__}")
-    apply_overrides(data, overrides)
+    apply_overrides(data, overrides, schema)
     overridden = {tuple(parse_override(o)[0]) for o in overrides}
     try:
         return schema.model_validate(data)

@@ -107,7 +107,8 @@ class JsonlWriter:
     def done_ids(self) -> set[str]:
         if not self.partial.exists():
             return set()
-        return {json.loads(line)["id"] for line in self.partial.open(encoding="utf-8") if line.strip()}
+        with self.partial.open(encoding="utf-8") as f:
+            return {json.loads(line)["id"] for line in f if line.strip()}
 
     def write(self, records: Iterable[dict]) -> None:
         for rec in records:

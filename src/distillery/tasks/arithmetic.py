@@ -17,6 +17,7 @@ import random
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 
 from distillery.config import TaskConfig, _as_range
 
@@ -123,7 +124,7 @@ def generate_problems(cfg: TaskConfig, split: str, n: int, seed: int = 0) -> lis
     return [next(stream) for _ in range(n)]
 
 
-_HASH_ANSWER = re.compile(r"#\s*(-?\d+(?:\.\d+)?)")
+_HASH_ANSWER = re.compile(r"#\s*(-?\d[\d,]*(?:\.\d+)?)")
 _SAID_ANSWER = re.compile(r"answer is[:\s]*\$?\s*(-?[\d,]+(?:\.\d+)?)", re.IGNORECASE)
 
 
@@ -146,7 +147,15 @@ def normalize_answer(text: str) -> str:
     """Canonical text of an answer: numbers without commas/leading zeros/trailing '.0'."""
     text = text.strip().replace(",", "").rstrip(".")
     try:
-        value = float(text)
+        return str(int(text))  # exact, however many digits
     except ValueError:
+        pass
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
         return " ".join(text.lower().split())
-    return str(int(value)) if value == int(value) else repr(value)
+    if not value.is_finite():
+        return " ".join(text.lower().split())
+    if value == value.to_integral_value():
+        return str(int(value))
+    return format(value.normalize(), "f")
