@@ -86,6 +86,9 @@ def _all_forms(spec_kw, seed=0):
 
 
 FORM_CASES = CASES + [("forward_kl", {"temperature": 2.0, "ce_weight": 0.3}),
+                      ("forward_kl", {"ce_weight": 0.3, "kd_weight": 0.6}),
+                      ("reverse_kl", {"ce_weight": 0.4, "temperature": 1.0}),
+                      ("jsd", {"beta": 0.4, "ce_weight": 0.2, "kd_weight": 0.7}),
                       ("jsd", {"beta": 0.3, "temperature": 0.7, "reduction": "sequence"})]
 
 
@@ -238,3 +241,39 @@ def test_no_counted_token_gives_zero_loss_and_zero_grads():
         assert float(loss.detach()) == 0.0 and m["tokens"] == 0
         g = torch.autograd.grad(loss, (hidden, weight), allow_unused=True)
         assert all(x is None or not x.any() for x in g)
+
+
+@pytest.mark.parametrize(("name", "params"), [
+    ("forward_kl", {"temperature": 2.0}), ("reverse_kl", {"ce_weight": 0.5}),
+    ("jsd", {"beta": 0.3, "ce_weight": 0.2}), ("jsd", {"beta": 0.0}), ("jsd", {"beta": 1.0}),
+])
+def test_lean_fused_path_runs_alone_and_agrees(monkeypatch, name, params):
+    """The in-place kernels handle these specs without the generic chunk (which we break)."""
+    from distillery.losses import fused
+
+    expected = _all_forms(_params(name, params))["dense"]
+
+    def broken(*a, **k):
+        raise AssertionError("generic path used")
+
+    monkeypatch.setattr(fused, "_chunk", broken)
+    hidden, weight, b, t_hidden, t_weight, t_logits, labels, mask = _setup(0)
+    spec = LossSpec(form="fused", chunk_tokens=3, **_params(name, params))
+    for teacher in (dict(teacher_logits=t_logits), dict(teacher_hidden=t_hidden, teacher_lm_head_weight=t_weight)):
+        loss, _ = distillation_loss(spec, student_hidden=hidden, lm_head_weight=weight, lm_head_bias=b,
+                                    labels=labels, mask=mask, **teacher)
+        grads = torch.autograd.grad(loss, (hidden, weight, b))
+        torch.testing.assert_close(loss.detach(), expected[0])
+        for g, e in zip(grads, expected[1], strict=True):
+            torch.testing.assert_close(g, e)
+
+
+def test_lean_path_falls_back_on_minus_inf_teacher_logits():
+    hidden, weight, b, _, _, t_logits, labels, mask = _setup(0)
+    t_logits = t_logits.clone()
+    t_logits[..., 3] = float("-inf")  # a banned token
+    dense, _ = distillation_loss(LossSpec(), student_logits=F.linear(hidden, weight, b), teacher_logits=t_logits, mask=mask)
+    fused_loss, _ = distillation_loss(LossSpec(form="fused"), student_hidden=hidden, lm_head_weight=weight,
+                                      lm_head_bias=b, teacher_logits=t_logits, mask=mask)
+    assert torch.isfinite(dense)
+    torch.testing.assert_close(fused_loss, dense)

@@ -198,6 +198,120 @@ def _chunk(
     return loss, g
 
 
+# --------------------------------------------------------------------------------------------
+# Lean path: forward KL, reverse KL and JSD against a dense teacher, in preallocated buffers.
+# Every op is in place or writes into one of 3-4 reused [chunk, vocab] buffers: fresh
+# allocations of that size cost page faults on CPU and raise the peak. Same math as
+# ``_chunk`` (the tests compare the two); anything else takes ``_chunk``.
+# --------------------------------------------------------------------------------------------
+
+
+def _lean_kind(plan: _Plan, weight: torch.Tensor) -> str | None:
+    """Which lean kernel applies to this plan, if any."""
+    if (
+        not plan.need_grad
+        or isinstance(plan.teacher, TeacherTopK)
+        or len(plan.terms) != 1
+        or weight.dtype not in (torch.float32, torch.float64)
+        or (plan.ce_weight and plan.temperature != 1.0)
+    ):
+        return None
+    term = plan.terms[0]
+    if term.name == "forward_kl":
+        return "fkl"
+    if term.name == "reverse_kl":
+        return "rkl"
+    if term.name == "jsd" and not term.params.get("normalize", False):
+        beta = float(term.params.get("beta", 0.5))
+        return "fkl" if beta <= 0.0 else "rkl" if beta >= 1.0 else "jsd"
+    return None
+
+
+def _log_softmax_into(x: torch.Tensor, tmp: torch.Tensor, temperature: float) -> None:
+    """In place: ``x <- log_softmax(x / T)``, using ``tmp`` (same shape) as scratch."""
+    if temperature != 1.0:
+        x.mul_(1.0 / temperature)
+    top = x.amax(-1, keepdim=True)
+    torch.sub(x, top, out=tmp)
+    tmp.exp_()
+    x.sub_(tmp.sum(-1, keepdim=True).log_().add_(top))
+
+
+def _lean_chunk(
+    plan: _Plan, kind: str, h_c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    rows: torch.Tensor, parts: torch.Tensor, bufs: list[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Like :func:`_chunk` (same returns; ``g`` is a view of ``bufs[0]``) for the lean kinds.
+
+    Returns None (and leaves ``parts`` alone) if a value is not finite, e.g. ``-inf`` teacher
+    logits; the caller then redoes the chunk with :func:`_chunk`, which handles them.
+    """
+    n, temp = h_c.shape[0], plan.temperature
+    z, p, x = (b[:n] for b in bufs[:3])
+    torch.mm(h_c, weight.t(), out=z)
+    if bias is not None:
+        z.add_(bias)
+    t = plan.teacher
+    if isinstance(t, TeacherLogits):
+        torch.index_select(_flat(t.logits, 1), 0, rows, out=p)
+    else:
+        th = _flat(t.hidden, 1).index_select(0, rows).to(p.dtype)
+        torch.mm(th, t.weight.t().to(p.dtype), out=p)
+        if t.bias is not None:
+            p.add_(t.bias)
+    _log_softmax_into(z, x, temp)  # z = log q
+    _log_softmax_into(p, x, temp)  # p = log p
+    ce = labels = None
+    if plan.ce_weight:  # T == 1 here, so log q is also the CE's log-softmax
+        labels = plan.labels.index_select(0, rows).long().unsqueeze(-1)
+        ce = -z.gather(-1, labels).squeeze(-1)
+
+    # after each branch: z = ∂D/∂s (s = z_raw / T) and q = softmax(s) is in `q`
+    if kind == "fkl":
+        torch.sub(p, z, out=x)  # log p − log q
+        p.exp_()  # p
+        value = x.mul_(p).sum(-1)  # Σ p (log p − log q); 0·finite = 0 where p underflows
+        q = x
+        torch.exp(z, out=q)
+        torch.sub(q, p, out=z)  # q − p
+    elif kind == "rkl":
+        p.neg_().add_(z)  # log q − log p
+        q = x
+        torch.exp(z, out=q)
+        value = torch.mul(q, p, out=z).sum(-1)  # Σ q (log q − log p)
+        torch.sub(p, value.unsqueeze(-1), out=z).mul_(q)  # q (log q − log p − RKL)
+    else:  # jsd, 0 < β < 1: m = β p + (1 − β) q
+        beta = float(plan.terms[0].params.get("beta", 0.5))
+        q = bufs[3][:n]
+        torch.exp(z, out=q)
+        torch.exp(p, out=x)
+        x.mul_(beta).add_(q, alpha=1.0 - beta)  # m
+        # m underflows to 0 only where p and q both do; their terms are 0 either way
+        x.clamp_min_(torch.finfo(x.dtype).tiny).log_()  # log m
+        p.sub_(x)  # log p − log m
+        z.sub_(x)  # log q − log m
+        x.add_(p).exp_()  # p (= exp(log m + log p − log m))
+        kl_t = p.mul_(x).sum(-1)  # KL(p‖m)
+        kl_s = z.mul_(q).sum(-1)  # KL(q‖m); z = q (log q − log m)
+        value = beta * kl_t + (1.0 - beta) * kl_s
+        z.addcmul_(q, kl_s.unsqueeze(-1), value=-1.0).mul_(1.0 - beta)
+    if not bool(torch.isfinite(value).all()):
+        return None
+    w_c = plan.weights.index_select(0, rows).to(z.dtype)
+    weight_d = plan.terms[0].weight
+    parts[0] += (w_c * value).sum()
+    total = weight_d * value
+    z.mul_(weight_d / temp)
+    if ce is not None:
+        parts[-1] += (w_c * ce).sum()
+        total = total + plan.ce_weight * ce
+        # ∂CE/∂z = softmax(z) − onehot(label), and softmax(z) = q at T = 1
+        z.add_(q, alpha=plan.ce_weight)
+        z.scatter_add_(-1, labels, torch.full_like(ce, -plan.ce_weight).unsqueeze(-1))
+    z.mul_(w_c.unsqueeze(-1))
+    return (w_c * total).sum(), z
+
+
 class FusedLinearKD(torch.autograd.Function):
     """``(hidden [N, H], weight [V, H], bias [V] | None, plan) -> (loss [], parts [n_terms + 1])``.
 
@@ -212,11 +326,20 @@ class FusedLinearKD(torch.autograd.Function):
         grad_h = torch.zeros_like(hidden) if plan.need_grad else None
         grad_w = torch.zeros_like(weight) if plan.need_grad else None
         grad_b = torch.zeros_like(bias) if plan.need_grad and bias is not None else None
+        kind = _lean_kind(plan, weight)
+        bufs: list[torch.Tensor] = []
+        if kind is not None:
+            n_buf = 4 if kind == "jsd" else 3
+            size = (min(plan.chunk_tokens, plan.rows.numel()), weight.shape[0])
+            bufs = [torch.empty(size, dtype=weight.dtype, device=weight.device) for _ in range(n_buf)]
         for start in range(0, plan.rows.numel(), plan.chunk_tokens):
             rows = plan.rows[start : start + plan.chunk_tokens]
             h_c = hidden.index_select(0, rows)
             with torch.no_grad():
-                chunk_loss, g = _chunk(plan, h_c, weight, bias, rows, parts)
+                out = None
+                if kind is not None:
+                    out = _lean_chunk(plan, kind, h_c, weight, bias, rows, parts, bufs)
+                chunk_loss, g = out if out is not None else _chunk(plan, h_c, weight, bias, rows, parts)
             loss += chunk_loss
             if g is not None:
                 g = g.to(weight.dtype)
@@ -224,7 +347,8 @@ class FusedLinearKD(torch.autograd.Function):
                 grad_w.addmm_(g.t(), h_c)
                 if grad_b is not None:
                     grad_b += g.sum(0)
-            del g
+            del g, out
+        del bufs
         ctx.stash = (grad_h, grad_w, grad_b)
         ctx.reusable = plan.reusable
         ctx.mark_non_differentiable(parts)
@@ -272,7 +396,7 @@ def fused_linear_kd(
     temperature: float = 1.0,
     ce_weight: float = 0.0,
     reduction: str = "token",
-    chunk_tokens: int = 256,
+    chunk_tokens: int = 128,
     tail_policy: str = "tail_bucket",
     reusable: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
