@@ -90,7 +90,10 @@ def train_loop(
         TimeRemainingColumn(),
     )
     show = show_progress and accelerator.is_main_process
-    with Progress(*columns, disable=not show, transient=False) as progress:
+    progress = Progress(*columns, disable=not show, transient=False)
+    # a live bar needs a terminal; in logs (CI, `| tee`) print a plain line every 10% instead
+    plain_every = max(cfg.steps // 10, 1) if show and not progress.console.is_terminal else 0
+    with progress:
         bar = progress.add_task("train", total=cfg.steps, loss=math.nan, tps=0.0)
         for step in range(1, cfg.steps + 1):
             batch = next(batches)
@@ -118,6 +121,11 @@ def train_loop(
                     log_file.flush()
                 progress.update(bar, loss=loss_value, tps=tps)
             progress.advance(bar)
+            if plain_every and (step % plain_every == 0 or step == cfg.steps):
+                progress.console.print(
+                    f"step {step}/{cfg.steps} loss {loss_value:.4f} "
+                    f"({time.perf_counter() - start:.0f}s elapsed)", highlight=False
+                )
     if log_file:
         log_file.close()
     accelerator.wait_for_everyone()
