@@ -47,6 +47,11 @@ class MixTerm(BaseModel):
 
     _check = field_validator("divergence")(classmethod(lambda cls, v: _check_name(v)))
 
+    @model_validator(mode="after")
+    def _params_fit(self) -> MixTerm:
+        self.to_term()  # raises ValueError if the divergence takes none of the given parameters
+        return self
+
     def to_term(self, scale: float = 1.0) -> Term:
         return make_term(
             self.divergence, self.weight * scale,
