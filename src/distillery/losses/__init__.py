@@ -10,6 +10,7 @@ from distillery.losses.divergences import (
     get_divergence,
     register,
 )
+from distillery.losses.feature import FeatureDistiller, cosine_gram, feature_loss, relation_loss
 from distillery.losses.fused import (
     TeacherHidden,
     TeacherLogits,
@@ -23,6 +24,7 @@ from distillery.losses.terms import Term, make_term
 __all__ = [
     "REGISTRY",
     "Divergence",
+    "FeatureDistiller",
     "LossSpec",
     "MixTerm",
     "TeacherHidden",
@@ -30,6 +32,8 @@ __all__ = [
     "TeacherTopK",
     "Term",
     "available_divergences",
+    "cosine_gram",
+    "feature_loss",
     "distillation_loss",
     "forward_kl",
     "fused_kd_loss_from_model",
@@ -39,6 +43,7 @@ __all__ = [
     "make_term",
     "reduce_per_token",
     "register",
+    "relation_loss",
     "resolve_mask",
     "token_weights",
 ]
