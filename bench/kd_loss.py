@@ -174,6 +174,24 @@ def child(args):
     }), flush=True)
 
 
+def _available_bytes():
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _estimated_peak_bytes(impl, T, V, H):
+    """Inputs + the extra peak measured earlier per [T, V] float32 tensor (rough, for skipping)."""
+    inputs = 4 * (2 * T * H + 2 * V * H)
+    per_tv = {"trl_gkd_jsd": 16, "dense_fkl": 5, "dense_fkl_tlogits": 6}.get(impl, 3)
+    return inputs + per_tv * 4 * T * V
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=2048)
@@ -190,6 +208,13 @@ def main():
         child(args)
         return
     for impl in args.impls.split(","):
+        need = _estimated_peak_bytes(impl, args.tokens, args.vocab, args.hidden)
+        avail = _available_bytes()
+        if avail is not None and need > 0.9 * avail:
+            print(json.dumps({"impl": impl, "tokens": args.tokens, "vocab": args.vocab,
+                              "hidden": args.hidden, "skipped": f"needs ~{need / 1e9:.1f} GB, "
+                              f"{avail / 1e9:.1f} GB available"}), flush=True)
+            continue
         cmd = [sys.executable, __file__, "--impl", impl, "--tokens", str(args.tokens),
                "--vocab", str(args.vocab), "--hidden", str(args.hidden),
                "--chunk-tokens", str(args.chunk_tokens)]
