@@ -257,8 +257,9 @@ def test_lean_fused_path_runs_alone_and_agrees(monkeypatch, name, params):
         raise AssertionError("generic path used")
 
     monkeypatch.setattr(fused, "_chunk", broken)
+    monkeypatch.setattr(fused, "LEAN_ROW_BLOCK", 2)  # several row blocks per chunk, one ragged
     hidden, weight, b, t_hidden, t_weight, t_logits, labels, mask = _setup(0)
-    spec = LossSpec(form="fused", chunk_tokens=3, **_params(name, params))
+    spec = LossSpec(form="fused", chunk_tokens=5, **_params(name, params))
     for teacher in (dict(teacher_logits=t_logits), dict(teacher_hidden=t_hidden, teacher_lm_head_weight=t_weight)):
         loss, _ = distillation_loss(spec, student_hidden=hidden, lm_head_weight=weight, lm_head_bias=b,
                                     labels=labels, mask=mask, **teacher)

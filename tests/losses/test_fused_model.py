@@ -161,3 +161,41 @@ def test_fused_never_materializes_tokens_by_vocab(spec_kw, teacher_kind):
                                      **({"teacher_logits": t_hidden @ t_weight.T} if teacher_kind != "topk" else teacher))
         dense.backward()
     assert dense_mode.largest >= N * V
+
+
+def test_fused_runs_in_bfloat16_close_to_float32_dense():
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(3, 7, 16, generator=g)
+    weight = torch.randn(100, 16, generator=g) * 0.3
+    t_logits = torch.randn(3, 7, 100, generator=g)
+    spec = LossSpec(divergence="jsd", beta=0.5)
+    ref, _ = distillation_loss(spec, student_logits=hidden @ weight.T, teacher_logits=t_logits)
+    h16 = hidden.bfloat16().requires_grad_()
+    w16 = weight.bfloat16().requires_grad_()
+    loss, _ = distillation_loss(
+        spec.model_copy(update={"form": "fused", "chunk_tokens": 4}), student_hidden=h16,
+        lm_head_weight=w16, teacher_logits=t_logits.bfloat16(),
+    )
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, rtol=3e-2, atol=3e-3)
+    loss.backward()
+    assert w16.grad.dtype == torch.bfloat16 and torch.isfinite(w16.grad).all()
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "tvd"])  # lean path and generic path
+def test_fused_with_sliced_teacher_logits_copies_no_full_tensor(divergence):
+    """teacher_logits[:, :-1] is not contiguous: flattening it would copy [tokens, vocab]."""
+    B, S, H, V = 4, 16, 8, 256
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(B, S + 1, H, generator=g, requires_grad=True)
+    weight = torch.randn(V, H, generator=g, requires_grad=True)
+    t_full = torch.randn(B, S + 1, V, generator=g)
+    spec = LossSpec(divergence=divergence, form="fused", chunk_tokens=8)
+    with LargestTensor() as mode:
+        loss, _ = distillation_loss(spec, student_hidden=hidden[:, :-1], lm_head_weight=weight,
+                                    teacher_logits=t_full[:, :-1])
+        loss.backward()
+    assert mode.largest < B * S * V, mode.shape
+    ref, _ = distillation_loss(LossSpec(divergence=divergence), student_logits=hidden[:, :-1] @ weight.T,
+                               teacher_logits=t_full[:, :-1])
+    torch.testing.assert_close(loss, ref)

@@ -87,18 +87,31 @@ def _flat(x: torch.Tensor, trailing: int) -> torch.Tensor:
     return x.reshape(-1, *x.shape[x.dim() - trailing :]) if trailing else x.reshape(-1)
 
 
+def _take(x: torch.Tensor, rows: torch.Tensor, trailing: int) -> torch.Tensor:
+    """Rows ``rows`` (indices over the merged leading dims) of ``x``, without copying the rest.
+
+    ``reshape`` of a non-contiguous tensor (e.g. ``teacher_logits[:, :-1]``) would copy all of
+    it, a full ``[tokens, vocab]`` tensor; indexing by the unravelled positions copies only the
+    chunk.
+    """
+    lead = x.dim() - trailing
+    if lead == 1 or x.is_contiguous():
+        return _flat(x, trailing).index_select(0, rows)
+    return x[torch.unravel_index(rows, tuple(x.shape[:lead]))]
+
+
 def _teacher_log_p(plan: _Plan, rows: torch.Tensor, vocab: int, dtype: torch.dtype) -> torch.Tensor:
     """The teacher's log-probabilities for the chunk's rows, over the form's support."""
     t, temp = plan.teacher, plan.temperature
     if isinstance(t, TeacherLogits):
-        z = upcast(_flat(t.logits, 1).index_select(0, rows)).to(dtype)
+        z = upcast(_take(t.logits, rows, 1)).to(dtype)
     elif isinstance(t, TeacherHidden):
-        h = _flat(t.hidden, 1).index_select(0, rows)
+        h = _take(t.hidden, rows, 1)
         z = upcast(F.linear(h, t.weight, t.bias)).to(dtype)
     else:
-        ids = _flat(t.ids, 1).index_select(0, rows).long()
-        lp = _flat(t.logprobs, 1).index_select(0, rows)
-        tail = None if t.log_tail is None else _flat(t.log_tail, 0).index_select(0, rows)
+        ids = _take(t.ids, rows, 1).long()
+        lp = _take(t.logprobs, rows, 1)
+        tail = None if t.log_tail is None else _take(t.log_tail, rows, 0)
         return sparse_teacher_log_probs(ids, lp, tail, plan.tail_policy, temp, vocab).to(dtype)
     if temp != 1.0:
         z.div_(temp)
@@ -128,7 +141,7 @@ def _chunk(
     # the student's log q over the teacher's support, and how it maps back to the vocabulary
     mapping, ids = "full", None
     if isinstance(plan.teacher, TeacherTopK) and plan.tail_policy != "uniform_tail":
-        ids = _flat(plan.teacher.ids, 1).index_select(0, rows).long()
+        ids = _take(plan.teacher.ids, rows, 1).long()
         k = ids.shape[-1]
         if plan.tail_policy == "renormalize" or k == vocab:
             mapping = "gather"
@@ -214,6 +227,9 @@ def _lean_kind(plan: _Plan, weight: torch.Tensor) -> str | None:
         or len(plan.terms) != 1
         or weight.dtype not in (torch.float32, torch.float64)
         or (plan.ce_weight and plan.temperature != 1.0)
+        # a teacher in another dtype would need a cast copy of its lm_head per chunk
+        or (isinstance(plan.teacher, TeacherHidden) and plan.teacher.weight.dtype != weight.dtype)
+        or (isinstance(plan.teacher, TeacherLogits) and plan.teacher.logits.dtype != weight.dtype)
     ):
         return None
     term = plan.terms[0]
@@ -227,14 +243,23 @@ def _lean_kind(plan: _Plan, weight: torch.Tensor) -> str | None:
     return None
 
 
-def _log_softmax_into(x: torch.Tensor, tmp: torch.Tensor, temperature: float) -> None:
-    """In place: ``x <- log_softmax(x / T)``, using ``tmp`` (same shape) as scratch."""
+def _log_softmax_into(x: torch.Tensor, tmp: torch.Tensor, temperature: float) -> torch.Tensor:
+    """In place: ``x <- log_softmax(x / T)``, using ``tmp`` (same shape) as scratch.
+
+    Leaves ``tmp = exp(x/T − max)`` and returns its row sums ``[n, 1]``, so that
+    ``tmp / sums`` is the softmax without another exp.
+    """
     if temperature != 1.0:
         x.mul_(1.0 / temperature)
     top = x.amax(-1, keepdim=True)
     torch.sub(x, top, out=tmp)
     tmp.exp_()
-    x.sub_(tmp.sum(-1, keepdim=True).log_().add_(top))
+    sums = tmp.sum(-1, keepdim=True)
+    x.sub_(sums.log().add_(top))
+    return sums
+
+
+LEAN_ROW_BLOCK = 16  # rows per elementwise block: [16, vocab] scratch stays small and cache-warm
 
 
 def _lean_chunk(
@@ -243,49 +268,84 @@ def _lean_chunk(
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Like :func:`_chunk` (same returns; ``g`` is a view of ``bufs[0]``) for the lean kinds.
 
+    ``bufs``: two ``[chunk, vocab]`` buffers (student logits, which become ``g``, and teacher
+    logits) and two ``[LEAN_ROW_BLOCK, vocab]`` scratch buffers; the elementwise work runs
+    block by block of rows, so the big buffers are only the two the matmuls need.
+
     Returns None (and leaves ``parts`` alone) if a value is not finite, e.g. ``-inf`` teacher
     logits; the caller then redoes the chunk with :func:`_chunk`, which handles them.
     """
-    n, temp = h_c.shape[0], plan.temperature
-    z, p, x = (b[:n] for b in bufs[:3])
+    n = h_c.shape[0]
+    z, p = bufs[0][:n], bufs[1][:n]
     torch.mm(h_c, weight.t(), out=z)
     if bias is not None:
         z.add_(bias)
     t = plan.teacher
     if isinstance(t, TeacherLogits):
-        torch.index_select(_flat(t.logits, 1), 0, rows, out=p)
+        if t.logits.is_contiguous():
+            torch.index_select(_flat(t.logits, 1), 0, rows, out=p)
+        else:
+            p.copy_(_take(t.logits, rows, 1))
     else:
-        th = _flat(t.hidden, 1).index_select(0, rows).to(p.dtype)
-        torch.mm(th, t.weight.t().to(p.dtype), out=p)
+        th = _take(t.hidden, rows, 1).to(p.dtype)
+        torch.mm(th, t.weight.t(), out=p)
         if t.bias is not None:
             p.add_(t.bias)
-    _log_softmax_into(z, x, temp)  # z = log q
-    _log_softmax_into(p, x, temp)  # p = log p
-    ce = labels = None
-    if plan.ce_weight:  # T == 1 here, so log q is also the CE's log-softmax
+    labels = None
+    if plan.ce_weight:
         labels = plan.labels.index_select(0, rows).long().unsqueeze(-1)
+    w_c = plan.weights.index_select(0, rows).to(z.dtype)
+    values, ces = [], []
+    for b0 in range(0, n, LEAN_ROW_BLOCK):
+        b1 = min(b0 + LEAN_ROW_BLOCK, n)
+        out = _lean_block(
+            plan, kind, z[b0:b1], p[b0:b1], bufs[2][: b1 - b0], bufs[3][: b1 - b0], w_c[b0:b1],
+            None if labels is None else labels[b0:b1],
+        )
+        if out is None:
+            return None
+        values.append(out[0])
+        if out[1] is not None:
+            ces.append(out[1])
+    value = torch.cat(values)
+    parts[0] += (w_c * value).sum()
+    total = plan.terms[0].weight * value
+    if ces:
+        ce = torch.cat(ces)
+        parts[-1] += (w_c * ce).sum()
+        total = total + plan.ce_weight * ce
+    return (w_c * total).sum(), z
+
+
+def _lean_block(
+    plan: _Plan, kind: str, z: torch.Tensor, p: torch.Tensor, x: torch.Tensor, q: torch.Tensor,
+    w_c: torch.Tensor, labels: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """One block of rows, in place: logits ``z``/``p`` in, ``z`` = ∂loss/∂z_raw out.
+
+    Returns (per-row divergence, per-row CE or None), or None if a value is not finite.
+    """
+    temp = plan.temperature
+    q_sums = _log_softmax_into(z, q, temp)  # z = log q, q = unnormalized softmax
+    q.mul_(q_sums.reciprocal_())  # q
+    p_sums = _log_softmax_into(p, x, temp)  # p = log p, x = unnormalized softmax
+    ce = None
+    if labels is not None:  # T == 1 here, so log q is also the CE's log-softmax
         ce = -z.gather(-1, labels).squeeze(-1)
 
-    # after each branch: z = ∂D/∂s (s = z_raw / T) and q = softmax(s) is in `q`
+    # after each branch: z = ∂D/∂s up to the factor in grad_scale (s = z_raw / T)
     if kind == "fkl":
-        torch.sub(p, z, out=x)  # log p − log q
-        p.exp_()  # p
-        value = x.mul_(p).sum(-1)  # Σ p (log p − log q); 0·finite = 0 where p underflows
-        q = x
-        torch.exp(z, out=q)
-        torch.sub(q, p, out=z)  # q − p
+        x.mul_(p_sums.reciprocal_())  # p
+        p.sub_(z)  # log p − log q
+        value = p.mul_(x).sum(-1)  # Σ p (log p − log q); 0·finite = 0 where p underflows
+        torch.sub(q, x, out=z)  # q − p
     elif kind == "rkl":
         p.neg_().add_(z)  # log q − log p
-        q = x
-        torch.exp(z, out=q)
-        value = torch.mul(q, p, out=z).sum(-1)  # Σ q (log q − log p)
+        value = torch.mul(q, p, out=x).sum(-1)  # Σ q (log q − log p)
         torch.sub(p, value.unsqueeze(-1), out=z).mul_(q)  # q (log q − log p − RKL)
     else:  # jsd, 0 < β < 1: m = β p + (1 − β) q
         beta = float(plan.terms[0].params.get("beta", 0.5))
-        q = bufs[3][:n]
-        torch.exp(z, out=q)
-        torch.exp(p, out=x)
-        x.mul_(beta).add_(q, alpha=1.0 - beta)  # m
+        x.mul_(p_sums.reciprocal_().mul_(beta)).add_(q, alpha=1.0 - beta)  # m
         # m underflows to 0 only where p and q both do; their terms are 0 either way
         x.clamp_min_(torch.finfo(x.dtype).tiny).log_()  # log m
         p.sub_(x)  # log p − log m
@@ -294,22 +354,22 @@ def _lean_chunk(
         kl_t = p.mul_(x).sum(-1)  # KL(p‖m)
         kl_s = z.mul_(q).sum(-1)  # KL(q‖m); z = q (log q − log m)
         value = beta * kl_t + (1.0 - beta) * kl_s
-        z.addcmul_(q, kl_s.unsqueeze(-1), value=-1.0).mul_(1.0 - beta)
+        z.addcmul_(q, kl_s.unsqueeze(-1), value=-1.0)  # ∂D/∂s / (1 − β)
     if not bool(torch.isfinite(value).all()):
         return None
-    w_c = plan.weights.index_select(0, rows).to(z.dtype)
-    weight_d = plan.terms[0].weight
-    parts[0] += (w_c * value).sum()
-    total = weight_d * value
-    z.mul_(weight_d / temp)
-    if ce is not None:
-        parts[-1] += (w_c * ce).sum()
-        total = total + plan.ce_weight * ce
+    # one pass for all the scalings: the divergence's weight, 1/T, (1 − β), the token weights
+    grad_scale = plan.terms[0].weight / temp
+    if kind == "jsd":
+        grad_scale *= 1.0 - float(plan.terms[0].params.get("beta", 0.5))
+    if ce is None:
+        z.mul_((w_c * grad_scale).unsqueeze(-1))
+    else:
+        z.mul_(grad_scale)
         # ∂CE/∂z = softmax(z) − onehot(label), and softmax(z) = q at T = 1
         z.add_(q, alpha=plan.ce_weight)
         z.scatter_add_(-1, labels, torch.full_like(ce, -plan.ce_weight).unsqueeze(-1))
-    z.mul_(w_c.unsqueeze(-1))
-    return (w_c * total).sum(), z
+        z.mul_(w_c.unsqueeze(-1))
+    return value, ce
 
 
 class FusedLinearKD(torch.autograd.Function):
@@ -329,9 +389,9 @@ class FusedLinearKD(torch.autograd.Function):
         kind = _lean_kind(plan, weight)
         bufs: list[torch.Tensor] = []
         if kind is not None:
-            n_buf = 4 if kind == "jsd" else 3
-            size = (min(plan.chunk_tokens, plan.rows.numel()), weight.shape[0])
-            bufs = [torch.empty(size, dtype=weight.dtype, device=weight.device) for _ in range(n_buf)]
+            rows_n = min(plan.chunk_tokens, plan.rows.numel())
+            sizes = [rows_n, rows_n, min(LEAN_ROW_BLOCK, rows_n), min(LEAN_ROW_BLOCK, rows_n)]
+            bufs = [torch.empty((r, weight.shape[0]), dtype=weight.dtype, device=weight.device) for r in sizes]
         for start in range(0, plan.rows.numel(), plan.chunk_tokens):
             rows = plan.rows[start : start + plan.chunk_tokens]
             h_c = hidden.index_select(0, rows)
@@ -396,7 +456,7 @@ def fused_linear_kd(
     temperature: float = 1.0,
     ce_weight: float = 0.0,
     reduction: str = "token",
-    chunk_tokens: int = 128,
+    chunk_tokens: int = 256,
     tail_policy: str = "tail_bucket",
     reusable: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:

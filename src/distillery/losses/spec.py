@@ -83,7 +83,7 @@ class LossSpec(BaseModel):
     temperature: float = Field(1.0, gt=0.0)
     scale_by_t2: bool = False
     form: Literal["dense", "sparse", "fused"] = "dense"
-    chunk_tokens: int = Field(128, ge=1)
+    chunk_tokens: int = Field(256, ge=1)
     tail_policy: Literal["renormalize", "tail_bucket", "uniform_tail"] = "tail_bucket"
     reduction: Literal["token", "sequence"] = "token"
     ce_weight: float | None = Field(None, ge=0.0)
