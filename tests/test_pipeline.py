@@ -85,6 +85,17 @@ def test_demo_pipeline_end_to_end_then_resumes(tmp_path):
         assert after[stage] > before[stage], stage
     assert after["eval_teacher"] == before["eval_teacher"]
 
+    # new sampling settings make the labeled data stale: a partial file a killed run left under
+    # the old settings must not be resumed into the new data
+    data = run_dir / "data" / "teacher_labeled.jsonl"
+    stale = json.loads(data.read_text().splitlines()[0])
+    stale["id"] = "left-by-a-killed-run"
+    (run_dir / "data" / "teacher_labeled.jsonl.partial").write_text(json.dumps(stale) + "\n")
+    run_pipeline(load_config(config, RunConfig, ["train.lr=0.004", "train.steps=7", "generate.max_new_tokens=10"]))
+    ids = [json.loads(line)["id"] for line in data.read_text().splitlines()]
+    assert "left-by-a-killed-run" not in ids and len(ids) == 48
+    assert all(json.loads(line)["meta"]["sampling"]["max_new_tokens"] == 10 for line in data.read_text().splitlines())
+
 
 def test_train_command_saves_a_loadable_model(tmp_path):
     from distillery.models import load_model, load_tokenizer

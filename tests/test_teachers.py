@@ -36,6 +36,19 @@ def test_sampling_returns_n_per_prompt_and_is_seeded(tiny_model_dir):
     assert all(g.num_tokens <= 8 for x in a for g in x)
 
 
+def test_several_greedy_samples_are_refused_up_front():
+    import pytest
+
+    with pytest.raises(ValueError, match="temperature > 0"):
+        SamplingParams(n=2, temperature=0.0)
+
+
+def test_fixed_length_probe_decodes_past_the_end_token(tiny_model_dir):
+    teacher = HFTeacher.from_pretrained(tiny_model_dir, device="cpu")
+    gens = teacher.generate(_convs(["1+2", "3"]), SamplingParams(max_new_tokens=7, min_new_tokens=7))
+    assert [g[0].num_tokens for g in gens] == [7, 7]
+
+
 class CountingTeacher:
     """A real HF teacher that also counts the conversations it was asked to continue."""
 

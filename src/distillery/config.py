@@ -88,7 +88,8 @@ class TokenizerConfig(StrictModel):
     """An existing tokenizer (``path``) or one trained on the task's text (``vocab_size``)."""
 
     path: str | None = None
-    vocab_size: int = Field(384, ge=64)
+    # the byte alphabet (256) and 6 special tokens are always in; merges fill the rest
+    vocab_size: int = Field(384, ge=262)
 
 
 class DataConfig(StrictModel):

@@ -64,6 +64,11 @@ def prepare_teacher(cfg: RunConfig, run_dir: Path) -> tuple[Path, str]:
             console.print(f"teacher: using {shipped}")
             return shipped, config_hash(str(shipped.resolve()), read_meta(shipped))
         console.print(f"teacher: {shipped} was trained on another task config; training a new one")
+        if not cfg.teacher.recipe:
+            raise ValueError(
+                f"teacher.path {shipped} was trained on another task config and teacher.recipe is "
+                "empty: give a teacher for this task, or a recipe to train one"
+            )
     if not cfg.teacher.recipe:
         raise FileNotFoundError(
             f"teacher.path {shipped} has no model and teacher.recipe is empty: give a model directory"
@@ -109,8 +114,10 @@ def make_data(cfg: RunConfig, run_dir: Path, teacher_dir: Path, teacher_fp: str)
             fp = config_hash(cfg.task, cfg.generate, teacher_fp)
             stage = Stage(run_dir, "data_teacher")
             if not stage.done(fp, path):
-                if path.exists():
-                    path.unlink()  # stale: made under another config
+                # stale outputs (and a partial file a killed run left) were made under
+                # another config: resuming them would mix two configs in one file
+                path.unlink(missing_ok=True)
+                path.with_name(path.name + ".partial").unlink(missing_ok=True)
                 console.rule(f"elicit: teacher labels {len(problems)} problems")
                 teacher = HFTeacher.from_pretrained(teacher_dir, batch_size=cfg.generate.batch_size)
                 params = SamplingParams(
@@ -141,7 +148,8 @@ def train_students(
             data=DataConfig(path=str(data[name]), num_examples=cfg.generate.num_problems),
             train=train_cfg,
         )
-        fp = config_hash(job, _file_fp(data[name]), teacher_fp if s.objective == "logit_kd" else None)
+        # every student uses the teacher's tokenizer, so every student depends on the teacher
+        fp = config_hash(job, _file_fp(data[name]), teacher_fp)
         stage = Stage(run_dir, f"train_{name}")
         if not stage.done(fp, Path(job.output_dir) / "config.json"):
             console.rule(f"train {name}: {s.objective} on {s.data} ({s.target if s.data == 'ground_truth' else 'teacher text'})")
@@ -243,8 +251,11 @@ def _report_sections(
 ) -> list[str]:
     m = metrics["models"]
     t = m["teacher"]
+    held_out = ("from task.eval_path (its overlap with the training file is not checked)"
+                if cfg.task.name == "jsonl" and cfg.task.eval_path
+                else "disjoint from training by construction: the split is decided by each problem's hash")
     lines = [f"# distillery report: {cfg.run_dir}", "", f"Task: `{metrics['task']}`, "
-             f"{metrics['n_eval']} held-out problems (disjoint from training by construction), greedy decoding."]
+             f"{metrics['n_eval']} held-out problems ({held_out}), greedy decoding."]
     out = [lines[0] + "\n\n" + lines[2]]
     body = ["## What distillation bought", ""]
     for key, c in metrics["comparisons"].items():

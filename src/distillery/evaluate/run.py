@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from rich.progress import Progress
 
@@ -50,7 +51,13 @@ def evaluate_model(
 
 
 def batch1_tokens_per_s(teacher: HFTeacher, convs: list[list[dict]], params: SamplingParams) -> float:
-    """Decode tokens per second generating one prompt at a time (after one warm-up call)."""
+    """Decode tokens per second generating one prompt at a time (after one warm-up call).
+
+    Every prompt decodes exactly ``params.max_new_tokens`` tokens (past the end token), so a
+    model that answers in 3 tokens and one that writes a 30-token chain are timed on the same
+    work: the per-call overhead does not make short answers look slow.
+    """
+    params = replace(params, min_new_tokens=params.max_new_tokens, n=1)
     teacher.generate(convs[:1], params, batch_size=1)  # warm-up: first-call allocations
     tokens, start = 0, time.perf_counter()
     for conv in convs:

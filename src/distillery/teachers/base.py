@@ -15,6 +15,11 @@ class SamplingParams:
     top_p: float = 1.0
     n: int = 1
     seed: int = 0
+    min_new_tokens: int = 0  # > 0 keeps decoding past the end token (fixed-length speed probes)
+
+    def __post_init__(self) -> None:
+        if self.n > 1 and self.temperature == 0:
+            raise ValueError("n > 1 samples need temperature > 0: greedy decoding gives n identical copies")
 
 
 @dataclass

@@ -36,9 +36,12 @@ class HFTeacher:
         self.stats = GenerationStats()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, batch_size: int = 64, device: str = "auto") -> HFTeacher:
-        model = load_model(ModelConfig(path=str(path), device=device))
-        return cls(model, load_tokenizer(str(path)), batch_size=batch_size, name=str(path))
+    def from_pretrained(
+        cls, path: str | Path, batch_size: int = 64, device: str = "auto", trust_remote_code: bool = False
+    ) -> HFTeacher:
+        model = load_model(ModelConfig(path=str(path), device=device, trust_remote_code=trust_remote_code))
+        tokenizer = load_tokenizer(str(path), trust_remote_code=trust_remote_code)
+        return cls(model, tokenizer, batch_size=batch_size, name=str(path))
 
     @torch.no_grad()
     def generate(
@@ -54,6 +57,7 @@ class HFTeacher:
         tok.padding_side = "left"
         gen_cfg = GenerationConfig(
             max_new_tokens=params.max_new_tokens,
+            min_new_tokens=params.min_new_tokens or None,
             do_sample=params.temperature > 0,
             temperature=params.temperature if params.temperature > 0 else None,
             top_p=params.top_p if params.temperature > 0 else None,
@@ -74,7 +78,7 @@ class HFTeacher:
             out = self.model.generate(**enc, generation_config=gen_cfg)
             seconds = time.perf_counter() - t0
             new = out[:, enc["input_ids"].shape[1] :]
-            gens = [self._decode(row) for row in new]
+            gens = [self._decode(row, params) for row in new]
             n_tokens = sum(g.num_tokens for g in gens)
             self.stats.tokens += n_tokens
             self.stats.seconds += seconds
@@ -84,10 +88,13 @@ class HFTeacher:
                 progress.advance(task, len(chunk))
         return results
 
-    def _decode(self, row: torch.Tensor) -> Generation:
+    def _decode(self, row: torch.Tensor, params: SamplingParams) -> Generation:
         """Text up to the first end token; tokens counted include that end token."""
         ids = row.tolist()
         eos = self.tokenizer.eos_token_id
+        if params.min_new_tokens:
+            # a fixed-length probe: every generated position counts, text is not the point
+            return Generation(self.tokenizer.decode(ids, skip_special_tokens=True), len(ids), "length")
         if eos in ids:
             ids = ids[: ids.index(eos) + 1]
             reason = "stop"

@@ -37,9 +37,9 @@ def run_train_job(cfg: TrainJobConfig, show_progress: bool = True) -> TrainResul
     """Train the configured model and save it (weights, tokenizer, distillery.json) atomically."""
     records = load_training_records(cfg.data)
     if cfg.tokenizer.path:
-        tokenizer = load_tokenizer(cfg.tokenizer.path)
+        tokenizer = load_tokenizer(cfg.tokenizer.path, trust_remote_code=cfg.model.trust_remote_code)
     elif cfg.model.path:
-        tokenizer = load_tokenizer(cfg.model.path)
+        tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     else:
         texts = (m["content"] for r in records for m in r["messages"])
         tokenizer = train_tokenizer(texts, vocab_size=cfg.tokenizer.vocab_size)
