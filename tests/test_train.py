@@ -8,9 +8,18 @@ import pytest
 import torch
 
 from distillery.config import ModelConfig, TrainConfig
+from distillery.losses import LossSpec
 from distillery.models import build_model
 from distillery.records import sft_record
-from distillery.train import Collator, LogitKDObjective, SFTDataset, SFTObjective, tokenize_messages, train_loop
+from distillery.train import (
+    Collator,
+    LogitKDObjective,
+    SFTDataset,
+    SFTObjective,
+    build_objective,
+    tokenize_messages,
+    train_loop,
+)
 from distillery.train.data import IGNORE
 
 
@@ -66,24 +75,64 @@ def _batch_loss(objective, batch, model, teacher=None) -> float:
         return objective.loss(batch, model, teacher)[0].item()
 
 
-@pytest.mark.parametrize("objective_name", ["sft", "logit_kd"])
-def test_training_reduces_the_loss(tiny_tokenizer, objective_name):
+OBJECTIVES = {
+    "sft": TrainConfig(objective="sft"),
+    "logit_kd": TrainConfig(objective="logit_kd", kd_ratio=0.5),
+    "logit_kd_jsd_fused": TrainConfig(objective="logit_kd", loss=LossSpec(divergence="jsd", beta=0.5, kd_ratio=0.5, form="fused", chunk_tokens=64)),
+    "logit_kd_reverse_kl_t2": TrainConfig(objective="logit_kd", loss=LossSpec(divergence="reverse_kl", temperature=2.0, scale_by_t2=True, ce_weight=0.5)),
+    "logit_kd_akl_fused": TrainConfig(objective="logit_kd", loss=LossSpec(divergence="akl", kd_ratio=0.7, form="fused", chunk_tokens=32)),
+    "feature_kd": TrainConfig(objective="feature_kd", feature={"layer_map": {0: 0, -1: -1}, "relation_weight": 0.5}),
+}
+
+
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+def test_training_reduces_the_loss(tiny_tokenizer, name):
     ds = SFTDataset(_records(64), tiny_tokenizer, max_len=64)
     collate = Collator(tiny_tokenizer.pad_token_id)
     batch = collate([ds[i] for i in range(32)])
     student = _model(tiny_tokenizer, seed=0)
-    teacher = None
-    if objective_name == "sft":
-        objective = SFTObjective()
-    else:
-        objective = LogitKDObjective(kd_ratio=0.5, temperature=1.0)
-        teacher = _model(tiny_tokenizer, seed=1, hidden=48)
+    teacher = _model(tiny_tokenizer, seed=1, hidden=48) if name != "sft" else None
+    cfg = OBJECTIVES[name].model_copy(update={"steps": 15, "batch_size": 16, "lr": 1e-2, "warmup_steps": 0, "log_every": 5})
+    objective = build_objective(cfg, student=student, teacher=teacher)
     before = _batch_loss(objective, batch, student, teacher)
-    cfg = TrainConfig(steps=15, batch_size=16, lr=1e-2, warmup_steps=0, log_every=5)
     result = train_loop(student, objective, ds, collate, cfg, teacher=teacher, show_progress=False)
     after = _batch_loss(objective, batch, student, teacher)
     assert after < 0.8 * before, (before, after)
     assert result.tokens > 0 and len(result.history) == 3
+    if name == "feature_kd":
+        # the projections are the objective's, not the student's, and they trained too
+        proj = objective.trainable[0]
+        fresh = build_objective(cfg, student=student, teacher=teacher).trainable[0]
+        assert not all(torch.equal(a, b) for a, b in zip(proj.parameters(), fresh.parameters()))
+
+
+def test_fused_logit_kd_equals_dense_on_a_real_model(tiny_tokenizer):
+    ds = SFTDataset(_records(8), tiny_tokenizer, max_len=64)
+    batch = Collator(tiny_tokenizer.pad_token_id)([ds[i] for i in range(8)])
+    student, teacher = _model(tiny_tokenizer, 0).double(), _model(tiny_tokenizer, 1, hidden=48).double()
+    losses, grads = [], []
+    for form in ("dense", "fused"):
+        student.zero_grad()
+        spec = LossSpec(divergence="jsd", beta=0.3, temperature=1.5, kd_ratio=0.6, form=form, chunk_tokens=16)
+        loss, _ = LogitKDObjective(spec).loss(batch, student, teacher)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({n: p.grad.clone() for n, p in student.named_parameters()})
+    assert losses[0] == pytest.approx(losses[1], rel=1e-9)
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-7, atol=1e-9)
+
+
+def test_feature_kd_refuses_layers_the_models_do_not_have(tiny_tokenizer):
+    student, teacher = _model(tiny_tokenizer, 0), _model(tiny_tokenizer, 1)  # 1 layer: states 0..1
+    cfg = TrainConfig(objective="feature_kd", feature={"layer_map": {1: 2}})
+    with pytest.raises(ValueError, match="teacher layer 2"):
+        build_objective(cfg, student=student, teacher=teacher)
+
+
+def test_live_teacher_refuses_the_sparse_form():
+    with pytest.raises(ValueError, match="logit cache"):
+        LogitKDObjective(LossSpec(form="sparse"))
 
 
 def test_training_is_deterministic(tiny_tokenizer):
@@ -112,8 +161,8 @@ def test_logit_kd_mixes_ce_and_kl_as_stated(tiny_tokenizer):
     assert _batch_loss(LogitKDObjective(kd_ratio=1.0), batch, student, copy.deepcopy(student)) == pytest.approx(0, abs=1e-6)
     _, metrics = LogitKDObjective(kd_ratio=0.3).loss(batch, student.eval(), teacher)
     mixed = _batch_loss(LogitKDObjective(kd_ratio=0.3), batch, student, teacher)
-    assert mixed == pytest.approx(0.7 * metrics["ce"] + 0.3 * metrics["kl"], rel=1e-5)
-    assert metrics["kl"] > 0
+    assert mixed == pytest.approx(0.7 * metrics["ce"] + 0.3 * metrics["kd/forward_kl"], rel=1e-5)
+    assert metrics["kd/forward_kl"] > 0
 
 
 def test_logit_kd_refuses_a_teacher_with_another_vocabulary(tiny_tokenizer):

@@ -18,6 +18,8 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from distillery.losses.spec import LossSpec
+
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -108,10 +110,23 @@ class DataConfig(StrictModel):
         return self
 
 
+class FeatureKDConfig(StrictModel):
+    """``feature_kd``: hidden states matched through learned projections, plus CE on labels."""
+
+    # student hidden-state index → teacher index (HF ``hidden_states``: 0 = embeddings, -1 = last)
+    layer_map: dict[int, int] = Field(default_factory=lambda: {-1: -1})
+    loss: Literal["mse", "cosine"] = "mse"
+    feature_weight: float = Field(1.0, ge=0)
+    relation_weight: float = Field(0.0, ge=0)  # token-to-token similarity structure
+    relation_loss: Literal["mse", "kl"] = "mse"
+    relation_temperature: float = Field(0.1, gt=0)
+    ce_weight: float = Field(1.0, ge=0)
+
+
 class TrainConfig(StrictModel):
     """The training loop: objective, optimizer, schedule, batch. Shared by every objective."""
 
-    objective: Literal["sft", "logit_kd"] = "sft"
+    objective: Literal["sft", "logit_kd", "feature_kd"] = "sft"
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(3e-3, gt=0)
@@ -119,12 +134,31 @@ class TrainConfig(StrictModel):
     warmup_steps: int = Field(100, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float | None = 1.0
-    kd_ratio: float = Field(0.5, ge=0, le=1)  # logit_kd: (1-r)·CE + r·KL(teacher‖student)
+    # logit_kd shorthand: (1-r)·CE + r·KL(teacher‖student) at this temperature; for any other
+    # divergence, form or mix give ``loss`` (a LossSpec, see docs/losses.md) instead
+    kd_ratio: float = Field(0.5, ge=0, le=1)
     temperature: float = Field(1.0, gt=0)
+    loss: LossSpec | None = None
+    feature: FeatureKDConfig = Field(default_factory=FeatureKDConfig)
     max_seq_len: int = Field(128, ge=8)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     seed: int = 0
     log_every: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _one_way_to_say_the_loss(self) -> TrainConfig:
+        if self.loss is not None and {"kd_ratio", "temperature"} & self.model_fields_set:
+            raise ValueError(
+                "train.kd_ratio/train.temperature are a shorthand for train.loss; with train.loss "
+                "set, give them inside it (train.loss.kd_ratio, train.loss.temperature)"
+            )
+        return self
+
+    def resolved_loss(self) -> LossSpec:
+        """The LossSpec logit_kd uses: ``loss`` as given, else forward KL from the shorthand."""
+        if self.loss is not None:
+            return self.loss
+        return LossSpec(divergence="forward_kl", kd_ratio=self.kd_ratio, temperature=self.temperature)
 
 
 class TrainJobConfig(StrictModel):
@@ -139,8 +173,8 @@ class TrainJobConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> TrainJobConfig:
-        if self.train.objective == "logit_kd" and self.teacher is None:
-            raise ValueError("train.objective is 'logit_kd' but no teacher is configured")
+        if self.train.objective in ("logit_kd", "feature_kd") and self.teacher is None:
+            raise ValueError(f"train.objective is '{self.train.objective}' but no teacher is configured")
         if self.model.path is None and self.tokenizer.path is None and self.data.task is None:
             raise ValueError("a new tokenizer is trained on task text: set data.task or tokenizer.path")
         return self
@@ -169,7 +203,7 @@ class StudentConfig(StrictModel):
 
     data: Literal["ground_truth", "teacher"]
     target: Literal["chain", "answer"] = "chain"
-    objective: Literal["sft", "logit_kd"] = "sft"
+    objective: Literal["sft", "logit_kd", "feature_kd"] = "sft"
     kd_ratio: float | None = None  # overrides train.kd_ratio
 
 

@@ -19,6 +19,7 @@ from distillery.config import (
     DataConfig,
     ModelConfig,
     RunConfig,
+    StudentConfig,
     TokenizerConfig,
     TrainJobConfig,
     config_hash,
@@ -29,6 +30,7 @@ from distillery.elicit import label_problems
 from distillery.evaluate import evaluate_model, paired_bootstrap_diff
 from distillery.evaluate.report import plot_accuracy, plot_losses, write_metrics, write_report_md
 from distillery.evaluate.run import batch1_tokens_per_s
+from distillery.losses import LossSpec
 from distillery.models import read_meta
 from distillery.records import JsonlWriter, read_jsonl, sft_record, write_json_atomic
 from distillery.tasks import load_problems
@@ -138,7 +140,10 @@ def train_students(
     out: dict[str, tuple[Path, str]] = {}
     for name, s in cfg.students.items():
         train_cfg = cfg.train.model_copy(update={"objective": s.objective})
-        if s.kd_ratio is not None:
+        if s.kd_ratio is not None and train_cfg.loss is not None:
+            given = train_cfg.loss.model_dump(exclude_unset=True)
+            train_cfg.loss = LossSpec.model_validate({**given, "kd_ratio": s.kd_ratio})
+        elif s.kd_ratio is not None:
             train_cfg.kd_ratio = s.kd_ratio
         job = TrainJobConfig(
             output_dir=str(run_dir / "students" / name),
@@ -246,6 +251,15 @@ def _task_name(cfg: RunConfig) -> str:
     return f"arithmetic(operands={t.num_operands}, digits={t.digits}, ops={''.join(t.operations)}, style={t.style})"
 
 
+def _describe_objective(cfg: RunConfig, s: StudentConfig) -> str:
+    if s.objective != "logit_kd":
+        return s.objective
+    spec = cfg.train.resolved_loss()
+    ratio = s.kd_ratio if s.kd_ratio is not None else spec.kd_ratio
+    mix = f"kd_ratio {ratio}" if ratio is not None else f"ce_weight {spec.resolved_ce_weight}"
+    return f"logit_kd ({spec.divergence}, {mix}, T={spec.temperature}, form {spec.form})"
+
+
 def _report_sections(
     cfg: RunConfig, metrics: dict, results: dict, data: dict[str, Path], teacher_dir: Path
 ) -> list[str]:
@@ -279,7 +293,7 @@ def _report_sections(
     for name, s in cfg.students.items():
         what = (f"ground-truth problems, assistant turn = {'the canonical chain' if s.target == 'chain' else 'the final answer only (`#answer`)'}"
                 if s.data == "ground_truth" else "the same problems labeled by the teacher with its own reasoning chains (the teacher never saw the answers)")
-        obj = s.objective if s.objective == "sft" else f"logit_kd (kd_ratio {s.kd_ratio if s.kd_ratio is not None else cfg.train.kd_ratio}, T={cfg.train.temperature})"
+        obj = _describe_objective(cfg, s)
         body.append(f"- **{name}**: {cfg.student.num_layers} layers × {cfg.student.hidden_size} hidden, {cfg.train.steps} steps of "
                     f"{obj} at batch {cfg.train.batch_size}, on {what}.")
     teacher_data = next((p for p in data.values() if p.name == "teacher_labeled.jsonl"), None)

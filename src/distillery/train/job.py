@@ -47,7 +47,7 @@ def run_train_job(cfg: TrainJobConfig, show_progress: bool = True) -> TrainResul
     teacher = load_model(cfg.teacher) if cfg.teacher is not None else None
 
     dataset = SFTDataset(records, tokenizer, cfg.train.max_seq_len)
-    objective = build_objective(cfg.train.objective, cfg.train.kd_ratio, cfg.train.temperature)
+    objective = build_objective(cfg.train, student=model, teacher=teacher)
     out = Path(cfg.output_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -60,9 +60,12 @@ def train_loop(
         generator=torch.Generator().manual_seed(cfg.seed),
     )
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+    # the student's parameters and any the objective trains beside it (e.g. feature projections)
+    extra = [m.to(accelerator.device) for m in getattr(objective, "trainable", [])]
+    for module in [model, *extra]:
+        for name, p in module.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr,

@@ -1,6 +1,7 @@
 """Training objectives: each turns a batch into a scalar loss; the loop knows nothing else.
 
-An objective is any object with ``needs_teacher: bool`` and
+An objective is any object with ``needs_teacher: bool``, ``trainable: list[nn.Module]``
+(modules besides the student that the optimizer must update, e.g. feature projections) and
 ``loss(batch, student, teacher) -> (loss, metrics)``. Logits are shifted here, once:
 ``logits[:, t]`` predicts ``input_ids[:, t + 1]``, and positions whose label is ``IGNORE``
 (prompt, padding) do not count.
@@ -14,12 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distillery.losses import forward_kl
+from distillery.config import FeatureKDConfig, TrainConfig
+from distillery.losses import FeatureDistiller, LossSpec, distillation_loss, lm_head_inputs
+from distillery.losses.fused import TeacherHidden
 from distillery.train.data import IGNORE
 
 
 class Objective(Protocol):
     needs_teacher: bool
+    trainable: list[nn.Module]
 
     def loss(
         self, batch: dict[str, torch.Tensor], student: nn.Module, teacher: nn.Module | None
@@ -37,59 +41,150 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
 
 
+def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def _check_vocab(student_vocab: int, teacher_vocab: int) -> None:
+    if student_vocab != teacher_vocab:
+        raise ValueError(
+            f"teacher vocabulary ({teacher_vocab}) differs from the student's ({student_vocab}): "
+            "logit_kd needs a shared tokenizer; use SFT on teacher-written data, or a "
+            "cross-tokenizer objective"
+        )
+
+
 class SFTObjective:
     """Next-token cross entropy on assistant tokens only (the "messages" records' answers)."""
 
     needs_teacher = False
 
+    def __init__(self) -> None:
+        self.trainable: list[nn.Module] = []
+
     def loss(
         self, batch: dict[str, torch.Tensor], student: nn.Module, teacher: nn.Module | None = None
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = student(**_inputs(batch)).logits
         targets, _ = shifted_targets(batch)
         ce = cross_entropy(logits[:, :-1], targets)
         return ce, {"ce": ce.item()}
 
 
 class LogitKDObjective:
-    """(1 − kd_ratio)·CE + kd_ratio·KL(teacher ‖ student), teacher run live in the same process.
+    """``ce_weight·CE + Σ w_i·D_i(teacher ‖ student)`` with a live teacher in the same process.
 
-    The teacher runs in eval mode under ``no_grad`` on the same batch; both distributions are
-    softened by ``temperature``. Teacher and student must share a tokenizer.
+    The divergence mix, temperature and form come from a :class:`LossSpec` (default: torchtune's
+    ``(1 − kd_ratio)·CE + kd_ratio·KL(teacher‖student)``). ``form: dense`` compares full logits;
+    ``form: fused`` never builds the student's ``[tokens, vocab]`` logits: it takes hidden
+    states and the lm_head weight (tied or not) of both models and computes the loss in chunks.
+    The teacher runs in eval mode under ``no_grad``; both must share a tokenizer.
     """
 
     needs_teacher = True
 
-    def __init__(self, kd_ratio: float = 0.5, temperature: float = 1.0) -> None:
-        self.kd_ratio = kd_ratio
-        self.temperature = temperature
+    def __init__(self, spec: LossSpec | None = None, kd_ratio: float = 0.5, temperature: float = 1.0) -> None:
+        self.spec = spec or LossSpec(divergence="forward_kl", kd_ratio=kd_ratio, temperature=temperature)
+        if self.spec.form == "sparse":
+            raise ValueError(
+                "loss.form 'sparse' reads teacher top-k from a logit cache; with a live teacher "
+                "use form 'dense' or 'fused'"
+            )
+        self.trainable: list[nn.Module] = []
 
     def loss(
         self, batch: dict[str, torch.Tensor], student: nn.Module, teacher: nn.Module | None
     ) -> tuple[torch.Tensor, dict[str, float]]:
         if teacher is None:
             raise ValueError("logit_kd needs a teacher model")
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        s_logits = student(**inputs).logits[:, :-1]
-        with torch.no_grad():
-            t_logits = teacher(**inputs).logits[:, :-1]
-        if t_logits.shape[-1] != s_logits.shape[-1]:
-            raise ValueError(
-                f"teacher vocabulary ({t_logits.shape[-1]}) differs from the student's "
-                f"({s_logits.shape[-1]}): logit_kd needs a shared tokenizer; use SFT on "
-                "teacher-written data, or a cross-tokenizer objective"
-            )
         targets, mask = shifted_targets(batch)
-        ce = cross_entropy(s_logits, targets)
-        kl = forward_kl(s_logits, t_logits, mask=mask, temperature=self.temperature)
-        loss = (1 - self.kd_ratio) * ce + self.kd_ratio * kl
-        return loss, {"ce": ce.item(), "kl": kl.item()}
+        if self.spec.form == "fused":
+            with torch.no_grad():
+                t_hidden, t_weight, t_bias = lm_head_inputs(teacher, **_inputs(batch))
+            s_hidden, s_weight, s_bias = lm_head_inputs(student, **_inputs(batch))
+            _check_vocab(s_weight.shape[0], t_weight.shape[0])
+            teacher_in = TeacherHidden(t_hidden[:, :-1], t_weight, t_bias)
+            loss, metrics = distillation_loss(
+                self.spec, student_hidden=s_hidden[:, :-1], lm_head_weight=s_weight, lm_head_bias=s_bias,
+                teacher_hidden=teacher_in.hidden, teacher_lm_head_weight=teacher_in.weight,
+                teacher_lm_head_bias=teacher_in.bias, labels=targets, mask=mask,
+            )
+            return loss, metrics
+        s_logits = student(**_inputs(batch)).logits[:, :-1]
+        with torch.no_grad():
+            t_logits = teacher(**_inputs(batch)).logits[:, :-1]
+        _check_vocab(s_logits.shape[-1], t_logits.shape[-1])
+        return distillation_loss(
+            self.spec, student_logits=s_logits, teacher_logits=t_logits, labels=targets, mask=mask
+        )
 
 
-def build_objective(name: str, kd_ratio: float = 0.5, temperature: float = 1.0) -> Objective:
-    """The objective a config names."""
-    if name == "sft":
+class FeatureKDObjective:
+    """``ce_weight·CE + FeatureDistiller(student hidden states, teacher hidden states)``.
+
+    Hidden states of the mapped layers are matched through learned projections (trained with
+    the student, discarded after) and, with ``relation_weight > 0``, so is the token-to-token
+    similarity structure. Positions counted are the assistant tokens.
+    """
+
+    needs_teacher = True
+
+    def __init__(self, cfg: FeatureKDConfig, student_hidden: int, teacher_hidden: int) -> None:
+        self.ce_weight = cfg.ce_weight
+        self.distiller = FeatureDistiller(
+            student_hidden, teacher_hidden, cfg.layer_map, loss=cfg.loss,
+            feature_weight=cfg.feature_weight, relation_weight=cfg.relation_weight,
+            relation_loss=cfg.relation_loss, relation_temperature=cfg.relation_temperature,
+        )
+        self.trainable: list[nn.Module] = [self.distiller]
+
+    def loss(
+        self, batch: dict[str, torch.Tensor], student: nn.Module, teacher: nn.Module | None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        if teacher is None:
+            raise ValueError("feature_kd needs a teacher model")
+        out = student(**_inputs(batch), output_hidden_states=True)
+        with torch.no_grad():
+            t_out = teacher(**_inputs(batch), output_hidden_states=True)
+        targets, _ = shifted_targets(batch)
+        ce = cross_entropy(out.logits[:, :-1], targets)
+        # features are compared where the model reads assistant tokens (labels != IGNORE)
+        mask = batch["labels"] != IGNORE
+        feat, metrics = self.distiller(out.hidden_states, t_out.hidden_states, mask)
+        loss = self.ce_weight * ce + feat
+        return loss, {"ce": ce.item(), **{k: float(v) for k, v in metrics.items()}}
+
+
+def _check_layer_map(layer_map: dict[int, int], student_layers: int, teacher_layers: int) -> None:
+    """HF returns num_layers + 1 hidden states (embeddings first); every index must exist."""
+    for s, t in layer_map.items():
+        for who, index, n in (("student", s, student_layers), ("teacher", t, teacher_layers)):
+            if not -(n + 1) <= index <= n:
+                raise ValueError(
+                    f"train.feature.layer_map: {who} layer {index} does not exist: the {who} has "
+                    f"{n} layers, so hidden-state indices run from 0 (embeddings) to {n} (or -1)"
+                )
+
+
+def build_objective(
+    cfg: TrainConfig | str,
+    student: nn.Module | None = None,
+    teacher: nn.Module | None = None,
+    **shorthand: float,
+) -> Objective:
+    """The objective a config names (``cfg.objective``), built from its ``loss``/``feature`` blocks.
+
+    A bare name (``build_objective("logit_kd", kd_ratio=0.5)``) is accepted for quick use.
+    """
+    if isinstance(cfg, str):
+        cfg = TrainConfig(objective=cfg, **shorthand)
+    if cfg.objective == "sft":
         return SFTObjective()
-    if name == "logit_kd":
-        return LogitKDObjective(kd_ratio=kd_ratio, temperature=temperature)
-    raise ValueError(f"unknown objective {name!r}; valid: sft, logit_kd")
+    if cfg.objective == "logit_kd":
+        return LogitKDObjective(cfg.resolved_loss())
+    if cfg.objective == "feature_kd":
+        if student is None or teacher is None:
+            raise ValueError("feature_kd needs the student and teacher to size its projections")
+        _check_layer_map(cfg.feature.layer_map, student.config.num_hidden_layers, teacher.config.num_hidden_layers)
+        return FeatureKDObjective(cfg.feature, student.config.hidden_size, teacher.config.hidden_size)
+    raise ValueError(f"unknown objective {cfg.objective!r}; valid: sft, logit_kd, feature_kd")
