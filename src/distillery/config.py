@@ -136,8 +136,9 @@ class TrainConfig(StrictModel):
     grad_clip: float | None = 1.0
     # logit_kd shorthand: (1-r)·CE + r·KL(teacher‖student) at this temperature; for any other
     # divergence, form or mix give ``loss`` (a LossSpec, see docs/losses.md) instead
-    kd_ratio: float = Field(0.5, ge=0, le=1)
-    temperature: float = Field(1.0, gt=0)
+    # (null = 0.5 and 1.0)
+    kd_ratio: float | None = Field(None, ge=0, le=1)
+    temperature: float | None = Field(None, gt=0)
     loss: LossSpec | None = None
     feature: FeatureKDConfig = Field(default_factory=FeatureKDConfig)
     max_seq_len: int = Field(128, ge=8)
@@ -147,7 +148,7 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _one_way_to_say_the_loss(self) -> TrainConfig:
-        if self.loss is not None and {"kd_ratio", "temperature"} & self.model_fields_set:
+        if self.loss is not None and (self.kd_ratio is not None or self.temperature is not None):
             raise ValueError(
                 "train.kd_ratio/train.temperature are a shorthand for train.loss; with train.loss "
                 "set, give them inside it (train.loss.kd_ratio, train.loss.temperature)"
@@ -158,7 +159,11 @@ class TrainConfig(StrictModel):
         """The LossSpec logit_kd uses: ``loss`` as given, else forward KL from the shorthand."""
         if self.loss is not None:
             return self.loss
-        return LossSpec(divergence="forward_kl", kd_ratio=self.kd_ratio, temperature=self.temperature)
+        return LossSpec(
+            divergence="forward_kl",
+            kd_ratio=0.5 if self.kd_ratio is None else self.kd_ratio,
+            temperature=1.0 if self.temperature is None else self.temperature,
+        )
 
 
 class TrainJobConfig(StrictModel):
