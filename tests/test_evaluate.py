@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from distillery.config import EvalConfig
-from distillery.evaluate import bootstrap_ci, evaluate_model, paired_bootstrap_diff
+from distillery.evaluate import bootstrap_ci, bootstrap_ratio, evaluate_model, paired_bootstrap_diff
 from distillery.tasks import Problem
 from distillery.teachers import HFTeacher
 
@@ -54,3 +54,18 @@ def test_evaluate_model_scores_and_counts_format_failures(tiny_model_dir):
     assert res["no_answer"] == sum(i["answer"] is None for i in res["items"])
     assert res["accuracy"] == pytest.approx(np.mean([i["correct"] for i in res["items"]]))
     assert res["tokens_per_s"] > 0 and res["params"] > 0
+
+
+def test_ratio_interval_against_a_plain_loop():
+    rng = np.random.default_rng(2)
+    teacher = (rng.random(300) < 0.9).astype(float)
+    student = teacher * (rng.random(300) < 0.7)
+    ratio, lo, hi = bootstrap_ratio(student, teacher, resamples=3000, seed=4)
+    assert ratio == pytest.approx(student.mean() / teacher.mean())
+    # the same resamples written the plain way
+    idx = np.random.default_rng(4).integers(0, 300, size=(3000, 300))
+    plain = [student[i].mean() / teacher[i].mean() for i in idx]
+    assert (lo, hi) == pytest.approx(tuple(np.quantile(plain, [0.025, 0.975])))
+    assert lo < ratio < hi
+    with pytest.raises(ValueError, match="undefined"):
+        bootstrap_ratio(student, np.zeros(300))

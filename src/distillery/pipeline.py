@@ -27,7 +27,7 @@ from distillery.config import (
     load_config,
 )
 from distillery.elicit import label_problems
-from distillery.evaluate import evaluate_model, paired_bootstrap_diff
+from distillery.evaluate import bootstrap_ratio, evaluate_model, paired_bootstrap_diff
 from distillery.evaluate.report import plot_accuracy, plot_losses, write_metrics, write_report_md
 from distillery.evaluate.run import batch1_tokens_per_s
 from distillery.losses import LossSpec
@@ -232,6 +232,9 @@ def write_report(
         b = [float(i["correct"]) for i in results["teacher"]["items"]]
         diff, lo, hi = paired_bootstrap_diff(a, b, cfg.eval.bootstrap_resamples, seed=cfg.eval.seed)
         comparisons[f"{n} - teacher"] = {"accuracy_diff": diff, "ci95": [lo, hi]}
+        if sum(b) > 0:
+            keep, klo, khi = bootstrap_ratio(a, b, cfg.eval.bootstrap_resamples, seed=cfg.eval.seed)
+            comparisons[f"{n} / teacher"] = {"accuracy_ratio": keep, "ci95": [klo, khi]}
     metrics = write_metrics(
         run_dir / "metrics.json", results, task=_task_name(cfg), n_eval=cfg.eval.num_problems,
         extra={"comparisons": comparisons},
@@ -273,13 +276,17 @@ def _report_sections(
     out = [lines[0] + "\n\n" + lines[2]]
     body = ["## What distillation bought", ""]
     for key, c in metrics["comparisons"].items():
+        if "accuracy_diff" not in c:
+            continue
         lo, hi = c["ci95"]
         sign = "+" if c["accuracy_diff"] >= 0 else ""
         body.append(f"- **{key}**: {sign}{100 * c['accuracy_diff']:.1f} points, paired bootstrap 95% CI "
                     f"[{100 * lo:+.1f}, {100 * hi:+.1f}]" + (" (excludes 0)" if lo > 0 or hi < 0 else " (includes 0)"))
     for name in cfg.students:
         s = m[name]
-        keep = f"{100 * s['accuracy'] / t['accuracy']:.0f}%" if t["accuracy"] > 0 else "n/a (teacher at 0%)"
+        ratio = metrics["comparisons"].get(f"{name} / teacher")
+        keep = (f"{100 * ratio['accuracy_ratio']:.1f}% (95% CI [{100 * ratio['ci95'][0]:.1f}%, "
+                f"{100 * ratio['ci95'][1]:.1f}%])" if ratio else "n/a (teacher at 0%)")
         body.append(f"- **{name}** keeps {keep} of the teacher's accuracy with "
                     f"{t['params'] / s['params']:.1f}× fewer parameters at {s['tokens_per_s'] / t['tokens_per_s']:.2f}× "
                     f"the teacher's batch-1 decode speed.")
