@@ -219,7 +219,7 @@ class EvalConfig(StrictModel):
     batch_size: int = Field(250, ge=1)
     max_new_tokens: int = Field(48, ge=1)
     bootstrap_resamples: int = Field(10000, ge=100)
-    speed_prompts: int = Field(16, ge=1)  # prompts decoded one at a time for batch-1 tokens/s
+    speed_prompts: int = Field(8, ge=1)  # prompts decoded one at a time for batch-1 tokens/s
     seed: int = 0
 
 

@@ -180,14 +180,15 @@ def evaluate_all(cfg: RunConfig, run_dir: Path, models: dict[str, tuple[Path, st
         teacher = HFTeacher.from_pretrained(model_dir, batch_size=cfg.eval.batch_size)
         if stage.done(fp, path):
             res = json.loads(path.read_text())
+            # accuracy is reused; speed is measured again so all models' figures share a run
+            params = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens, temperature=0.0)
+            convs = [[{"role": "user", "content": p.prompt}] for p in problems[: cfg.eval.speed_prompts]]
+            res["tokens_per_s"] = batch1_tokens_per_s(teacher, convs, params)
         else:
             console.rule(f"evaluate {name} on {len(problems)} held-out problems")
             res = evaluate_model(teacher, problems, cfg.eval)
             write_json_atomic(path, res)
             stage.finish(fp)
-        params = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens, temperature=0.0)
-        convs = [[{"role": "user", "content": p.prompt}] for p in problems[: cfg.eval.speed_prompts]]
-        res["tokens_per_s"] = batch1_tokens_per_s(teacher, convs, params)
         results[name] = res
         console.print(
             f"{name}: accuracy {res['accuracy']:.3f} [{res['ci95'][0]:.3f}, {res['ci95'][1]:.3f}], "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import replace
 
@@ -50,18 +51,25 @@ def evaluate_model(
     }
 
 
-def batch1_tokens_per_s(teacher: HFTeacher, convs: list[list[dict]], params: SamplingParams) -> float:
+def batch1_tokens_per_s(
+    teacher: HFTeacher, convs: list[list[dict]], params: SamplingParams, repeats: int = 3
+) -> float:
     """Decode tokens per second generating one prompt at a time (after one warm-up call).
 
     Every prompt decodes exactly ``params.max_new_tokens`` tokens (past the end token), so a
     model that answers in 3 tokens and one that writes a 30-token chain are timed on the same
     work: the per-call overhead does not make short answers look slow.
+    The median of ``repeats`` passes is returned, so one pass slowed by another process on a
+    shared machine does not set the figure.
     """
     params = replace(params, min_new_tokens=params.max_new_tokens, n=1)
     teacher.generate(convs[:1], params, batch_size=1)  # warm-up: first-call allocations
-    tokens, start = 0, time.perf_counter()
-    for conv in convs:
-        tokens += teacher.generate([conv], params, batch_size=1)[0][0].num_tokens
-    return tokens / (time.perf_counter() - start)
+    rates = []
+    for _ in range(repeats):
+        tokens, start = 0, time.perf_counter()
+        for conv in convs:
+            tokens += teacher.generate([conv], params, batch_size=1)[0][0].num_tokens
+        rates.append(tokens / (time.perf_counter() - start))
+    return float(statistics.median(rates))
 
 
