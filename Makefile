@@ -3,39 +3,45 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 # the CPU wheel of torch; a plain `torch` would pull several GB of CUDA packages
 TORCH  ?= torch==2.13.0
 
 .PHONY: venv demo test test-slow bench lint format teacher clean
 
+# the runtime (what `make demo` needs) and, on top, the test/dev extras (what `make test` needs)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[test,data,lora]"
+	$(BIN)/pip install --quiet -e .
 	@touch $(STAMP)
 
-venv: $(STAMP)
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e ".[test,data,lora]"
+	@touch $(DEV_STAMP)
+
+venv: $(DEV_STAMP)
 
 ## the main job: the built-in demo (configs/demo.yaml) into runs/demo/
 demo: $(STAMP)
 	$(BIN)/distillery run
 
 ## fast tests (CI); end-to-end runs that take minutes are in test-slow
-test: $(STAMP)
+test: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q
 
-test-slow: $(STAMP)
+test-slow: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 ## benchmarks print JSON lines; the TRL baselines need the bench extra
-bench: $(STAMP)
+bench: $(DEV_STAMP)
 	$(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python bench/kd_loss.py
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check src tests bench
 
-format: $(STAMP)
+format: $(DEV_STAMP)
 	$(BIN)/ruff check --fix src tests bench
 	$(BIN)/ruff format src tests bench
 
