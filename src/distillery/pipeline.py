@@ -29,10 +29,10 @@ from distillery.config import (
 from distillery.elicit import label_problems
 from distillery.evaluate import bootstrap_ratio, evaluate_model, paired_bootstrap_diff
 from distillery.evaluate.report import plot_accuracy, plot_losses, write_metrics, write_report_md
-from distillery.evaluate.run import batch1_tokens_per_s
+from distillery.evaluate.run import measure_speed
 from distillery.losses import LossSpec
 from distillery.models import read_meta
-from distillery.records import JsonlWriter, read_jsonl, sft_record, write_json_atomic
+from distillery.records import JsonlWriter, ground_truth_records, read_jsonl, write_json_atomic
 from distillery.tasks import load_problems
 from distillery.teachers import HFTeacher, SamplingParams
 from distillery.train.job import run_train_job
@@ -90,11 +90,7 @@ def prepare_teacher(cfg: RunConfig, run_dir: Path) -> tuple[Path, str]:
 
 def write_ground_truth(problems: list, target: str, path: Path) -> None:
     writer = JsonlWriter(path)
-    writer.write(
-        sft_record(p.id, p.prompt, p.target(target), p.reference, method="ground_truth",
-                   seed_id=p.id, target=target)
-        for p in problems
-    )
+    writer.write(ground_truth_records(problems, target))
     writer.finish()
 
 
@@ -181,9 +177,7 @@ def evaluate_all(cfg: RunConfig, run_dir: Path, models: dict[str, tuple[Path, st
         if stage.done(fp, path):
             res = json.loads(path.read_text())
             # accuracy is reused; speed is measured again so all models' figures share a run
-            params = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens, temperature=0.0)
-            convs = [[{"role": "user", "content": p.prompt}] for p in problems[: cfg.eval.speed_prompts]]
-            res["tokens_per_s"] = batch1_tokens_per_s(teacher, convs, params)
+            res["tokens_per_s"] = measure_speed(teacher, problems, cfg.eval)
         else:
             console.rule(f"evaluate {name} on {len(problems)} held-out problems")
             res = evaluate_model(teacher, problems, cfg.eval)

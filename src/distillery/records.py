@@ -51,6 +51,15 @@ def sft_record(
     }
 
 
+def ground_truth_records(problems: Iterable, target: str) -> list[dict]:
+    """SFT records of task problems with their own answers (``target``: "chain" or "answer")."""
+    return [
+        sft_record(p.id, p.prompt, p.target(target), p.reference, method="ground_truth",
+                   seed_id=p.id, target=target)
+        for p in problems
+    ]
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     """Every JSON object of a JSONL file; a bad line is an error naming the file and line."""
     path = Path(path)

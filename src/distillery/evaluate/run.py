@@ -42,13 +42,20 @@ def evaluate_model(
     return {
         "accuracy": acc,
         "ci95": [lo, hi],
-        "tokens_per_s": batch1_tokens_per_s(teacher, convs[: cfg.speed_prompts], params),
+        "tokens_per_s": measure_speed(teacher, problems, cfg),
         "params": count_params(teacher.model),
         "tokens_per_s_batched": batched_tps,
         "no_answer": no_answer,
         "n": len(problems),
         "items": items,
     }
+
+
+def measure_speed(teacher: HFTeacher, problems: list[Problem], cfg: EvalConfig) -> float:
+    """Batch-1 decode tokens/s on the first ``cfg.speed_prompts`` problems (see below)."""
+    convs = [[{"role": "user", "content": p.prompt}] for p in problems[: cfg.speed_prompts]]
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0, seed=cfg.seed)
+    return batch1_tokens_per_s(teacher, convs, params)
 
 
 def batch1_tokens_per_s(

@@ -9,7 +9,7 @@ from rich.console import Console
 
 from distillery.config import DataConfig, TrainJobConfig
 from distillery.models import build_model, load_model, load_tokenizer, save_model, train_tokenizer
-from distillery.records import read_jsonl, sft_record, validate_sft_records
+from distillery.records import ground_truth_records, read_jsonl, validate_sft_records
 from distillery.tasks import load_problems
 from distillery.train.data import Collator, SFTDataset
 from distillery.train.loop import TrainResult, train_loop
@@ -26,11 +26,7 @@ def load_training_records(data: DataConfig) -> list[dict]:
         return records[: data.num_examples]
     assert data.task is not None
     problems = load_problems(data.task, "train", data.num_examples, seed=data.seed)
-    return [
-        sft_record(p.id, p.prompt, p.target(data.target), p.reference, method="ground_truth",
-                   seed_id=p.id, target=data.target)
-        for p in problems
-    ]
+    return ground_truth_records(problems, data.target)
 
 
 def run_train_job(cfg: TrainJobConfig, show_progress: bool = True) -> TrainResult:

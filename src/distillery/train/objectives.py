@@ -17,7 +17,6 @@ from torch import nn
 
 from distillery.config import FeatureKDConfig, TrainConfig
 from distillery.losses import FeatureDistiller, LossSpec, distillation_loss, lm_head_inputs
-from distillery.losses.fused import TeacherHidden
 from distillery.train.data import IGNORE
 
 
@@ -103,13 +102,11 @@ class LogitKDObjective:
                 t_hidden, t_weight, t_bias = lm_head_inputs(teacher, **_inputs(batch))
             s_hidden, s_weight, s_bias = lm_head_inputs(student, **_inputs(batch))
             _check_vocab(s_weight.shape[0], t_weight.shape[0])
-            teacher_in = TeacherHidden(t_hidden[:, :-1], t_weight, t_bias)
-            loss, metrics = distillation_loss(
+            return distillation_loss(
                 self.spec, student_hidden=s_hidden[:, :-1], lm_head_weight=s_weight, lm_head_bias=s_bias,
-                teacher_hidden=teacher_in.hidden, teacher_lm_head_weight=teacher_in.weight,
-                teacher_lm_head_bias=teacher_in.bias, labels=targets, mask=mask,
+                teacher_hidden=t_hidden[:, :-1], teacher_lm_head_weight=t_weight,
+                teacher_lm_head_bias=t_bias, labels=targets, mask=mask,
             )
-            return loss, metrics
         s_logits = student(**_inputs(batch)).logits[:, :-1]
         with torch.no_grad():
             t_logits = teacher(**_inputs(batch)).logits[:, :-1]
