@@ -192,6 +192,47 @@ class TeacherStageConfig(StrictModel):
     recipe: str | None = "configs/demo_teacher.yaml"  # used when ``path`` is missing or stale
 
 
+class TeacherConfig(StrictModel):
+    """Which teacher answers, and how it is called.
+
+    ``hf``: a local transformers model (``model`` = directory or hub id). ``openai``: any
+    OpenAI-compatible endpoint (``model`` = the name sent in requests, ``base_urls`` = one or
+    more ``http://host:port/v1`` URLs, spread over). ``vllm``: in-process vLLM (optional extra).
+    The API key is read from the environment variable named by ``api_key_env``; a key in the
+    config file itself is refused.
+    """
+
+    backend: Literal["hf", "openai", "vllm"] = "hf"
+    model: str
+    # hf / vllm
+    batch_size: int = Field(64, ge=1)
+    device: str = "auto"
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
+    trust_remote_code: bool = False
+    vllm_kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to vllm.LLM(...)
+    # openai
+    base_urls: list[str] = Field(default_factory=list)
+    api_key_env: str | None = None  # e.g. OPENAI_API_KEY; the key itself never goes in a file
+    mode: Literal["chat", "completions"] = "chat"
+    max_concurrency: int = Field(32, ge=1)  # requests in flight, over all base URLs
+    max_retries: int = Field(6, ge=0)
+    timeout_s: float = Field(120.0, gt=0)  # per request attempt
+    backoff_base_s: float = Field(0.5, gt=0)
+    backoff_max_s: float = Field(60.0, gt=0)
+    requests_per_minute: float | None = Field(None, gt=0)
+    tokens_per_minute: float | None = Field(None, gt=0)  # prompt + max_new_tokens, reserved up front
+
+    @model_validator(mode="after")
+    def _check(self) -> TeacherConfig:
+        if self.backend == "openai" and not self.base_urls:
+            raise ValueError("teacher.backend is 'openai' but teacher.base_urls is empty: "
+                             "give the endpoint, e.g. [http://127.0.0.1:8000/v1]")
+        if self.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
+            raise ValueError("teacher.api_key_env names an environment variable (e.g. OPENAI_API_KEY), "
+                             "not the key itself: keys are never read from config files")
+        return self
+
+
 class GenerateConfig(StrictModel):
     """Elicitation by labeling: the teacher answers unlabeled problems with reasoning chains."""
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
+from itertools import groupby
 from pathlib import Path
 
 import torch
@@ -11,7 +13,13 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from distillery.config import ModelConfig
 from distillery.models import load_model, load_tokenizer
-from distillery.teachers.base import Generation, GenerationStats, SamplingParams
+from distillery.teachers.base import (
+    Generation,
+    GenerationRequest,
+    GenerationResult,
+    GenerationStats,
+    SamplingParams,
+)
 from distillery.train.data import prompt_text
 
 
@@ -78,9 +86,12 @@ class HFTeacher:
             out = self.model.generate(**enc, generation_config=gen_cfg)
             seconds = time.perf_counter() - t0
             new = out[:, enc["input_ids"].shape[1] :]
-            gens = [self._decode(row, params) for row in new]
+            prompt_lens = enc["attention_mask"].sum(dim=1).repeat_interleave(params.n).tolist()
+            gens = [self._decode(row, params, n_prompt) for row, n_prompt in zip(new, prompt_lens)]
             n_tokens = sum(g.num_tokens for g in gens)
             self.stats.tokens += n_tokens
+            self.stats.prompt_tokens += sum(prompt_lens[:: params.n])
+            self.stats.requests += len(chunk)
             self.stats.seconds += seconds
             self.stats.batches.append((len(chunk), n_tokens, seconds))
             results.extend(gens[i : i + params.n] for i in range(0, len(gens), params.n))
@@ -88,20 +99,37 @@ class HFTeacher:
                 progress.advance(task, len(chunk))
         return results
 
-    def _decode(self, row: torch.Tensor, params: SamplingParams) -> Generation:
-        """Text up to the first end token; tokens counted include that end token."""
+    def stream(self, requests: Iterable[GenerationRequest]) -> Iterator[GenerationResult]:
+        """Results batch by batch; consecutive requests with the same sampling share a batch."""
+        for params, group in groupby(requests, key=lambda r: r.params):
+            group = list(group)
+            for start in range(0, len(group), self.batch_size):
+                chunk = group[start : start + self.batch_size]
+                try:
+                    outs = self.generate([list(r.messages) for r in chunk], params)
+                except Exception as exc:  # a bad batch fails its requests, not the run
+                    for r in chunk:
+                        self.stats.failures += 1
+                        yield GenerationResult(r, error=f"{type(exc).__name__}: {exc}")
+                    continue
+                for r, gens in zip(chunk, outs):
+                    yield GenerationResult(r, gens)
+
+    def _decode(self, row: torch.Tensor, params: SamplingParams, prompt_tokens: int = 0) -> Generation:
+        """Text up to the first end token (or stop string); tokens counted include the end."""
         ids = row.tolist()
         eos = self.tokenizer.eos_token_id
         if params.min_new_tokens:
             # a fixed-length probe: every generated position counts, text is not the point
-            return Generation(self.tokenizer.decode(ids, skip_special_tokens=True), len(ids), "length")
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            return Generation(text, len(ids), "length", prompt_tokens)
         if eos in ids:
             ids = ids[: ids.index(eos) + 1]
             reason = "stop"
         else:
             reason = "length"
-        return Generation(
-            text=self.tokenizer.decode(ids, skip_special_tokens=True),
-            num_tokens=len(ids),
-            finish_reason=reason,
-        )
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            text, reason = text[:cut], "stop"
+        return Generation(text=text, num_tokens=len(ids), finish_reason=reason, prompt_tokens=prompt_tokens)
