@@ -49,28 +49,19 @@ def test_fixed_length_probe_decodes_past_the_end_token(tiny_model_dir):
     assert [g[0].num_tokens for g in gens] == [7, 7]
 
 
-class CountingTeacher:
-    """A real HF teacher that also counts the conversations it was asked to continue."""
-
-    def __init__(self, inner):
-        self.inner, self.name, self.seen = inner, inner.name, 0
-
-    def generate(self, conversations, params):
-        self.seen += len(conversations)
-        return self.inner.generate(conversations, params)
-
-
 def test_labeling_writes_contract_records_and_resumes(tmp_path, tiny_model_dir, task_cfg):
     problems = load_problems(task_cfg, "train", 12, seed=0)
-    teacher = CountingTeacher(HFTeacher.from_pretrained(tiny_model_dir, device="cpu"))
+    teacher = HFTeacher.from_pretrained(tiny_model_dir, device="cpu")
+    teacher.batch_size = 4
     params = SamplingParams(max_new_tokens=6)
     out = tmp_path / "labeled.jsonl"
-    # a first run that "died" after 5 records: its partial file holds them
-    label_problems(problems[:5], teacher, params, out, chunk_size=4, show_progress=False)
-    out.rename(tmp_path / "labeled.jsonl.partial")
-    teacher.seen = 0
-    label_problems(problems, teacher, params, out, chunk_size=4, show_progress=False)
-    assert teacher.seen == 7  # only the missing ones were generated
+    # a first run that "died" after 5 records: its partial files hold them
+    label_problems(problems[:5], teacher, params, out, show_progress=False)
+    for name in ("labeled.jsonl", "labeled.rejects.jsonl"):
+        (tmp_path / name).rename(tmp_path / f"{name}.partial")
+    before = teacher.stats.requests
+    label_problems(problems, teacher, params, out, show_progress=False)
+    assert teacher.stats.requests - before == 7  # only the missing ones were generated
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["meta"]["seed_id"] for r in records] == [p.id for p in problems]
     assert len({r["id"] for r in records}) == 12

@@ -114,8 +114,10 @@ def make_data(cfg: RunConfig, run_dir: Path, teacher_dir: Path, teacher_fp: str)
             if not stage.done(fp, path):
                 # stale outputs (and a partial file a killed run left) were made under
                 # another config: resuming them would mix two configs in one file
-                path.unlink(missing_ok=True)
-                path.with_name(path.name + ".partial").unlink(missing_ok=True)
+                rejects = path.with_name(path.stem + ".rejects.jsonl")
+                for stale in (path, rejects):
+                    stale.unlink(missing_ok=True)
+                    stale.with_name(stale.name + ".partial").unlink(missing_ok=True)
                 console.rule(f"elicit: teacher labels {len(problems)} problems")
                 teacher = HFTeacher.from_pretrained(teacher_dir, batch_size=cfg.generate.batch_size)
                 params = SamplingParams(
@@ -123,7 +125,7 @@ def make_data(cfg: RunConfig, run_dir: Path, teacher_dir: Path, teacher_fp: str)
                     top_p=cfg.generate.top_p, seed=cfg.generate.seed,
                 )
                 t0 = time.perf_counter()
-                label_problems(problems, teacher, params, path, chunk_size=cfg.generate.batch_size)
+                label_problems(problems, teacher, params, path)
                 stage.finish(fp, records=len(problems), seconds=time.perf_counter() - t0)
         paths[name] = path
     return paths

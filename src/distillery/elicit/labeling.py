@@ -1,15 +1,131 @@
-"""Labeling: the teacher answers unlabeled problems, with its reasoning chain, as SFT records."""
+"""Labeling: the teacher answers prompts, optionally with a reasoning chain, as SFT records.
+
+With ``chain_of_thought`` the prompt goes through a template that asks for step-by-step
+reasoning and a marked final answer; :func:`parse_answer` then splits the teacher's text into
+rationale and answer. The record's user turn is the original prompt (the student should learn
+to reason without being told to), unless ``keep_instruction`` is set.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from pydantic import Field
 
-from distillery.records import JsonlWriter, sft_record
+from distillery.config import StrictModel
+from distillery.elicit.engine import Outcome, PhaseSummary, RecordCheck, ResponseCache, run_phase
+from distillery.elicit.seeds import Seed
+from distillery.elicit.templates import builtin, render
+from distillery.records import sft_record
 from distillery.tasks import Problem, extract_answer
-from distillery.teachers.base import SamplingParams, Teacher
+from distillery.teachers.base import GenerationRequest, GenerationResult, SamplingParams, Teacher
+
+_FINAL = re.compile(r"^\s*(?:\*\*)?final answer(?:\*\*)?\s*[:：]\s*(.+?)\s*$", re.IGNORECASE | re.MULTILINE)
+_BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
+
+
+class LabelingConfig(StrictModel):
+    """How the teacher is asked, and how its answer is read."""
+
+    chain_of_thought: bool = True
+    # Jinja2 text or @file; variables: prompt. Default: the built-in CoT or plain template.
+    template: str | None = None
+    system: str | None = None  # an optional system turn sent to the teacher
+    # a regex whose group "answer" (or group 1) is the final answer; default: "Final answer:",
+    # \boxed{...}, "#N" and "The answer is N", in that order
+    answer_pattern: str | None = None
+    require_answer: bool = True  # no parsable final answer -> reject
+    drop_truncated: bool = True  # stopped by max_new_tokens -> reject
+    keep_instruction: bool = False  # the record's user turn is the templated prompt
+    samples: int = Field(1, ge=1)  # answers per prompt (needs temperature > 0 when > 1)
+
+    def prompt_template(self) -> str:
+        return self.template or builtin("labeling_cot" if self.chain_of_thought else "labeling_plain")
+
+
+def parse_answer(text: str, pattern: str | None = None) -> tuple[str, str | None]:
+    """Split a teacher's text into (rationale, final answer); answer None when there is none."""
+    if pattern is not None:
+        matches = list(re.finditer(pattern, text, re.MULTILINE))
+        if not matches:
+            return text.strip(), None
+        m = matches[-1]
+        answer = m.group("answer") if "answer" in m.re.groupindex else m.group(1 if m.re.groups else 0)
+        return text[: m.start()].strip(), answer.strip()
+    if found := list(_FINAL.finditer(text)):
+        m = found[-1]
+        return text[: m.start()].strip(), m.group(1).strip()
+    if found := list(_BOXED.finditer(text)):
+        m = found[-1]
+        return text[: m.start()].strip(), m.group(1).strip()
+    answer = extract_answer(text)  # "...;#132" (the demo task) or "The answer is 132"
+    if answer is None:
+        return text.strip(), None
+    cut = max(text.rfind("#"), text.lower().rfind("the answer is"))
+    return text[:cut].strip().rstrip(";").strip(), answer
+
+
+def labeling_requests(seeds: Iterable[Seed], cfg: LabelingConfig, params: SamplingParams,
+                      phase: str = "labeled") -> Iterator[GenerationRequest]:
+    """One request per seed; ``meta`` keeps the seed for the handler."""
+    template = cfg.prompt_template()
+    for seed in seeds:
+        user = render(template, "labeling.template", prompt=seed.prompt, **seed.extra)
+        messages = ([{"role": "system", "content": cfg.system}] if cfg.system else [])
+        messages.append({"role": "user", "content": user})
+        yield GenerationRequest(f"{phase}:{seed.id}", messages, params,
+                                meta={"seed_id": seed.id, "prompt": seed.prompt,
+                                      "reference": seed.reference, "extra": seed.extra})
+
+
+def labeling_handler(cfg: LabelingConfig, teacher_name: str, method: str = "labeling"):  # noqa: ANN201
+    """Result -> one SFT record per generation (or a reject naming what was wrong)."""
+
+    def handle(result: GenerationResult) -> Outcome:
+        req, out = result.request, Outcome()
+        seed_id, prompt = req.meta["seed_id"], req.meta["prompt"]
+        user = req.messages[-1]["content"] if cfg.keep_instruction else prompt
+        for j, g in enumerate(result.generations):
+            rationale, answer = parse_answer(g.text, cfg.answer_pattern)
+            if cfg.drop_truncated and g.finish_reason == "length":
+                out.rejects.append((f"truncated: stopped at max_new_tokens ({g.num_tokens} tokens)", g.text))
+                continue
+            if cfg.require_answer and answer is None:
+                out.rejects.append(("no_answer: no final answer found in the teacher's text", g.text))
+                continue
+            out.records.append(sft_record(
+                f"{seed_id}-s{j}", user, g.text.strip(), reference=req.meta["reference"],
+                method=method, teacher=teacher_name, seed_id=seed_id,
+                sampling=req.params.to_dict(), finish_reason=g.finish_reason,
+                rationale=rationale, parsed_answer=answer, tokens=g.num_tokens,
+                **({"seed": req.meta["extra"]} if req.meta.get("extra") else {}),
+            ))
+        return out
+
+    return handle
+
+
+def run_labeling(
+    seeds: list[Seed],
+    teacher: Teacher,
+    cfg: LabelingConfig,
+    params: SamplingParams,
+    out_dir: str | Path,
+    *,
+    phase: str = "labeled",
+    method: str = "labeling",
+    cache: ResponseCache | None = None,
+    checks: list[tuple[str, RecordCheck]] = (),
+    show_progress: bool = True,
+) -> tuple[Path, PhaseSummary]:
+    """Label ``seeds`` into ``<out_dir>/<phase>.jsonl``; resumable, see :func:`run_phase`."""
+    return run_phase(
+        phase, labeling_requests(seeds, cfg, params, phase), teacher,
+        labeling_handler(cfg, teacher.name, method), out_dir,
+        cache=cache, checks=checks, total=len(seeds), show_progress=show_progress,
+    )
 
 
 def label_problems(
@@ -17,39 +133,16 @@ def label_problems(
     teacher: Teacher,
     params: SamplingParams,
     out_path: str | Path,
-    chunk_size: int = 256,
     show_progress: bool = True,
 ) -> Path:
-    """Write one record per problem (and sample) to ``out_path``; resumes a killed run.
+    """The demo pipeline's labeling: the task prompt as is, the teacher's chain as the answer.
 
-    The teacher sees only the prompt, never the reference: these are unlabeled problems.
-    Records carry provenance in ``meta`` (method, teacher, seed problem, sampling).
+    The teacher sees only the prompt, never the reference. Writes ``out_path`` (and its rejects
+    next to it); resumes a killed run. Batches are the teacher's own ``batch_size``.
     """
-    writer = JsonlWriter(out_path)
-    done = writer.done_ids()
-    todo = [p for p in problems if _record_id(p.id, 0) not in done]
-    columns = (TextColumn("[bold]label"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not show_progress) as progress:
-        bar = progress.add_task("label", total=len(problems), completed=len(problems) - len(todo))
-        for start in range(0, len(todo), chunk_size):
-            chunk = todo[start : start + chunk_size]
-            convs = [[{"role": "user", "content": p.prompt}] for p in chunk]
-            outputs = teacher.generate(convs, params)
-            records = []
-            for problem, gens in zip(chunk, outputs):
-                for j, g in enumerate(gens):
-                    records.append(
-                        sft_record(
-                            _record_id(problem.id, j), problem.prompt, g.text, reference=None,
-                            method="labeling", teacher=teacher.name, seed_id=problem.id,
-                            sampling=asdict(params), finish_reason=g.finish_reason,
-                            parsed_answer=extract_answer(g.text),
-                        )
-                    )
-            writer.write(records)
-            progress.advance(bar, len(chunk))
-    return writer.finish()
-
-
-def _record_id(problem_id: str, sample: int) -> str:
-    return f"{problem_id}-s{sample}"
+    out_path = Path(out_path)
+    cfg = LabelingConfig(chain_of_thought=False, require_answer=False, drop_truncated=False)
+    seeds = [Seed(p.id, p.prompt, None) for p in problems]
+    path, _ = run_labeling(seeds, teacher, cfg, params, out_path.parent,
+                           phase=out_path.name.removesuffix(".jsonl"), show_progress=show_progress)
+    return path
