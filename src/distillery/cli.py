@@ -44,6 +44,17 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+def _load_required(args: list[str], schema: type, missing: str):  # noqa: ANN202
+    """The config a command cannot run without: file + overrides, or a clear exit 2."""
+    try:
+        config_path, overrides = _split_args(args)
+        if config_path is None:
+            raise ConfigError(missing)
+        return load_config(config_path, schema, overrides)
+    except ConfigError as exc:
+        _fail(exc)
+
+
 @app.command()
 def run(args: list[str] = typer.Argument(None, help="[CONFIG] [key.sub=value ...]")) -> None:
     """Run the whole pipeline (default: configs/demo.yaml, the built-in demo)."""
@@ -66,40 +77,68 @@ def train(args: list[str] = typer.Argument(..., help="CONFIG [key.sub=value ...]
     _quiet_libraries()
     from distillery.train.job import run_train_job
 
+    run_train_job(_load_required(args, TrainJobConfig, "distillery train needs a config file"))
+
+
+@app.command()
+def generate(args: list[str] = typer.Argument(..., help="CONFIG [key.sub=value ...]")) -> None:
+    """Elicit training data from a teacher (labeling, expansion, curation, feedback, self_knowledge).
+
+    Resumable: run the same command again after a crash or Ctrl-C and it continues where it
+    stopped; records already written are never lost or duplicated.
+    """
+    _quiet_libraries()
+    from pydantic import ValidationError
+
+    from distillery.elicit.config import GenerateJobConfig
+    from distillery.elicit.run import print_summary, run_generate
+    from distillery.elicit.seeds import SeedError
+    from distillery.elicit.templates import TemplateError
+
+    cfg = _load_required(args, GenerateJobConfig,
+                         "distillery generate needs a config file (see docs/elicitation.md)")
     try:
-        config_path, overrides = _split_args(args)
-        if config_path is None:
-            raise ConfigError("distillery train needs a config file")
-        cfg = load_config(config_path, TrainJobConfig, overrides)
-    except ConfigError as exc:
+        summary = run_generate(cfg)
+    except (ConfigError, SeedError, TemplateError, ValidationError) as exc:
         _fail(exc)
-    run_train_job(cfg)
+    print_summary(summary)
+    console.print(f"wrote {cfg.output_dir}/records.jsonl, rejects.jsonl, summary.json")
 
 
 @config_app.command("show")
 def config_show(
     args: list[str] = typer.Argument(None, help="[CONFIG] [key.sub=value ...]"),
-    kind: str = typer.Option("auto", help="run | train | auto (train if the file has output_dir)"),
+    kind: str = typer.Option("auto", help="run | train | generate | auto (guessed from the top-level keys)"),
 ) -> None:
     """Print the resolved config (file + overrides + defaults) as YAML."""
+    from distillery.elicit.config import GenerateJobConfig
+
     try:
         config_path, overrides = _split_args(args)
-        schema = TrainJobConfig if kind == "train" or (kind == "auto" and _looks_like_train_job(config_path)) else RunConfig
+        kind = _guess_kind(config_path) if kind == "auto" else kind
+        schema = {"train": TrainJobConfig, "generate": GenerateJobConfig}.get(kind, RunConfig)
         cfg = load_config(config_path, schema, overrides)
     except ConfigError as exc:
         _fail(exc)
     sys.stdout.write(dump_config(cfg))
 
 
-def _looks_like_train_job(path: str | None) -> bool:
-    """A train-job config has a top-level ``output_dir``; anything unreadable goes to load_config."""
+def _guess_kind(path: str | None) -> str:
+    """generate: has ``method``/``seeds``; train job: has ``output_dir``; else a pipeline run.
+
+    Anything unreadable goes on to load_config, which reports it properly.
+    """
     import yaml
 
     try:
         data = yaml.safe_load(Path(path).read_text()) if path else None
     except (OSError, yaml.YAMLError):
-        return False
-    return isinstance(data, dict) and "output_dir" in data
+        return "run"
+    if not isinstance(data, dict):
+        return "run"
+    if {"method", "seeds"} & data.keys():
+        return "generate"
+    return "train" if "output_dir" in data else "run"
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from distillery.records import sft_record
 from distillery.tasks import Problem, extract_answer
 from distillery.teachers.base import GenerationRequest, GenerationResult, SamplingParams, Teacher
 
-_FINAL = re.compile(r"^\s*(?:\*\*)?final answer(?:\*\*)?\s*[:：]\s*(.+?)\s*$", re.IGNORECASE | re.MULTILINE)
+_FINAL = re.compile(r"^\s*[*_]*final answer[*_]*\s*[:：][*_\s]*(.+?)\s*$", re.IGNORECASE | re.MULTILINE)
 _BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
 
 

@@ -45,9 +45,11 @@ class HFTeacher:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, batch_size: int = 64, device: str = "auto", trust_remote_code: bool = False
+        cls, path: str | Path, batch_size: int = 64, device: str = "auto",
+        trust_remote_code: bool = False, dtype: str = "float32",
     ) -> HFTeacher:
-        model = load_model(ModelConfig(path=str(path), device=device, trust_remote_code=trust_remote_code))
+        model = load_model(ModelConfig(path=str(path), device=device, dtype=dtype,
+                                       trust_remote_code=trust_remote_code))
         tokenizer = load_tokenizer(str(path), trust_remote_code=trust_remote_code)
         return cls(model, tokenizer, batch_size=batch_size, name=str(path))
 

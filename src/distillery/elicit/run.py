@@ -1,0 +1,184 @@
+"""``distillery generate``: one elicitation method, end to end, resumable, into one directory.
+
+``output_dir`` ends up holding:
+
+- ``records.jsonl``: the SFT "messages" records that passed every filter (the training data);
+- ``preferences.jsonl``: "prompt/chosen/rejected" records (feedback);
+- ``rejects.jsonl``: everything that was not kept, with the phase or filter and the reason;
+- ``summary.json``: counts per phase and per filter, tokens used, seconds;
+- ``work/``: the phase files (resume from here) and ``cache.sqlite`` (the response cache).
+
+Run it again after a kill and it picks up where it stopped; run it again after it finished and
+it re-applies the filters from the phase files without asking the teacher anything.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from distillery.config import ConfigError, config_hash, dump_config
+from distillery.elicit.config import GenerateJobConfig
+from distillery.elicit.context import ElicitContext, MethodResult
+from distillery.elicit.engine import ResponseCache
+from distillery.elicit.filters import FilterReport, run_filters
+from distillery.elicit.labeling import run_labeling
+from distillery.elicit.seeds import load_seeds
+from distillery.records import read_jsonl, write_json_atomic
+from distillery.teachers import Teacher, build_teacher
+
+console = Console(stderr=True)
+
+
+def _method_runner(cfg: GenerateJobConfig):  # noqa: ANN202
+    """The method's run function and its validated config section."""
+    method = cfg.method
+    if method == "labeling":
+        return lambda ctx: MethodResult(*_label_all(ctx)), None
+    if method == "expansion":
+        from distillery.elicit.expansion import ExpansionConfig, run_expansion
+
+        return run_expansion, ExpansionConfig(**cfg.expansion)
+    if method == "curation":
+        from distillery.elicit.curation import CurationConfig, run_curation
+
+        return run_curation, CurationConfig(**cfg.curation)
+    if method == "feedback":
+        from distillery.elicit.feedback import FeedbackConfig, run_feedback
+
+        return run_feedback, FeedbackConfig(**cfg.feedback)
+    if method == "self_knowledge":
+        from distillery.elicit.self_knowledge import SelfKnowledgeConfig, run_self_knowledge
+
+        return run_self_knowledge, SelfKnowledgeConfig(**cfg.self_knowledge)
+    raise ConfigError(
+        "method 'feature' hands teacher features (top-k log-probabilities) to the logit cache: "
+        "generate the records with method: labeling, then capture them with the logit-cache "
+        "stage; a teacher's `logprobs(token_ids, k)` is the interface it uses")
+
+
+def _label_all(ctx: ElicitContext):  # noqa: ANN202
+    path, summary = run_labeling(ctx.seeds, ctx.teacher, ctx.labeling, ctx.params, ctx.work_dir,
+                                 phase="labeled", cache=ctx.cache, show_progress=ctx.show_progress)
+    return path, None, [summary]
+
+
+def _fingerprint(cfg: GenerateJobConfig) -> str:
+    """What decides the phase files (not the filters, which re-run from them for free)."""
+    return config_hash(cfg.method, cfg.teacher, cfg.student, cfg.seeds, cfg.sampling, cfg.labeling,
+                       getattr(cfg, cfg.method, None))
+
+
+def _check_work_dir(work_dir: Path, fingerprint: str, config_text: str) -> None:
+    marker = work_dir / "fingerprint.json"
+    if marker.exists():
+        old = json.loads(marker.read_text())
+        if old["fingerprint"] != fingerprint:
+            raise ConfigError(
+                f"{work_dir.parent} holds a generate run made with a different method, teacher, "
+                "seeds or sampling (its config is in config.yaml there). Resuming would mix two "
+                "configs in one dataset: use another output_dir, or delete that one to start over."
+                " (Changing only `filters` is fine: it re-filters without new requests.)")
+        return
+    work_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(marker, {"fingerprint": fingerprint})
+    (work_dir.parent / "config.yaml").write_text(config_text)
+
+
+def _eval_texts(cfg: GenerateJobConfig) -> list[str] | None:
+    d = cfg.decontaminate
+    if d is None or cfg.filters.decontaminate_n is None:
+        return None
+    return [s.prompt for s in load_seeds(d.task, d.path, d.split, d.num, d.seed)]
+
+
+def run_generate(cfg: GenerateJobConfig, show_progress: bool = True,
+                 teacher: Teacher | None = None, student: Teacher | None = None) -> dict:
+    """Run ``cfg.method``; write records, rejects and summary into ``cfg.output_dir``.
+
+    ``teacher``/``student`` override the configured backends (tests, notebooks that already
+    hold a model). Returns the summary that is also written to ``summary.json``.
+    """
+    out = Path(cfg.output_dir)
+    work = out / "work"
+    t0 = time.perf_counter()
+    runner, method_cfg = _method_runner(cfg)  # validates the method section before any work
+    _check_work_dir(work, _fingerprint(cfg), dump_config(cfg))
+    seeds = load_seeds(cfg.seeds.task, cfg.seeds.path, cfg.seeds.split, cfg.seeds.num,
+                       cfg.seeds.seed) if cfg.seeds else []
+    eval_texts = _eval_texts(cfg)
+    teacher = teacher or build_teacher(cfg.teacher)
+    if student is None and cfg.student is not None:
+        student = build_teacher(cfg.student)
+    cache = ResponseCache(Path(cfg.cache_path) if cfg.cache_path else work / "cache.sqlite") if cfg.cache else None
+    ctx = ElicitContext(seeds=seeds, teacher=teacher, params=cfg.sampling.params(cfg.labeling.samples),
+                        work_dir=work, labeling=cfg.labeling, filters=cfg.filters, student=student,
+                        cache=cache, show_progress=show_progress)
+    try:
+        result = runner(ctx) if method_cfg is None else runner(ctx, method_cfg)
+    finally:
+        if cache is not None:
+            cache.close()
+    summary = _finish(cfg, result, eval_texts, out)
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    summary["tokens"] = {"teacher": {"prompt": teacher.stats.prompt_tokens, "completion": teacher.stats.tokens,
+                                     "retries": teacher.stats.retries, "failed_requests": teacher.stats.failures}}
+    if student is not None:
+        summary["tokens"]["student"] = {"prompt": student.stats.prompt_tokens,
+                                        "completion": student.stats.tokens}
+    write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def _finish(cfg: GenerateJobConfig, result: MethodResult, eval_texts: list[str] | None, out: Path) -> dict:
+    """Filter the method's output into the final files; gather every reject with its reason."""
+    rejects = []
+    for phase in result.phases:
+        path = out / "work" / f"{phase.name}.rejects.jsonl"
+        if path.exists():
+            rejects += [{**r, "stage": phase.name} for r in read_jsonl(path)]
+    summary: dict = {"method": cfg.method, "teacher": cfg.teacher.model,
+                     "phases": [vars(p) for p in result.phases], "notes": result.notes, "filters": {}}
+    for kind, path in (("records", result.records), ("preferences", result.preferences)):
+        if path is None:
+            continue
+        report: FilterReport = run_filters(read_jsonl(path), cfg.filters, eval_texts)
+        _write_jsonl_atomic(out / f"{kind}.jsonl", report.kept)
+        rejects += [{"id": r["record"].get("id"), "stage": f"filter:{r['filter']}", "reason": r["reason"],
+                     "record": r["record"]} for r in report.rejected]
+        summary["filters"][kind] = report.to_dict()
+        summary[kind] = len(report.kept)
+    _write_jsonl_atomic(out / "rejects.jsonl", rejects)
+    summary["rejects"] = len(rejects)
+    return summary
+
+
+def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def print_summary(summary: dict) -> None:
+    """The end-of-run table: requests, records and rejects per phase, then per filter."""
+    table = Table(title=f"generate: {summary['method']} ({summary['seconds']} s)")
+    for col in ("phase / filter", "requests", "cached", "resumed", "kept", "rejected", "reasons"):
+        table.add_column(col, justify="left" if col in ("phase / filter", "reasons") else "right")
+    for p in summary["phases"]:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(p["reject_reasons"].items()))
+        table.add_row(p["name"], str(p["requests"]), str(p["cached"]), str(p["resumed"]),
+                      str(p["records"]), str(p["rejects"]), reasons)
+    for kind, rep in summary["filters"].items():
+        for name, n in rep["rejected"].items():
+            table.add_row(f"filter {name} ({kind})", "", "", "", "", str(n), "")
+        table.add_row(f"[bold]{kind}.jsonl", "", "", "", f"[bold]{rep['kept']}", "", f"of {rep['total']}")
+    console.print(table)
+    t = summary["tokens"]["teacher"]
+    console.print(f"teacher tokens: {t['prompt']} prompt + {t['completion']} completion; "
+                  f"retries {t['retries']}, failed requests {t['failed_requests']}")

@@ -1,0 +1,116 @@
+"""`distillery generate` as a user runs it: a real subprocess, killed with SIGKILL and restarted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from distillery.records import read_jsonl
+
+CLI = [sys.executable, "-m", "distillery.cli"]
+
+
+def _config(tmp_path: Path, model_dir: Path, n_seeds: int, **extra) -> Path:
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"{i}+{i % 7}", "reference": str(i + i % 7)})
+                             + "\n" for i in range(n_seeds)))
+    cfg = {
+        "output_dir": str(tmp_path / "out"),
+        "method": "labeling",
+        "teacher": {"backend": "hf", "model": str(model_dir), "device": "cpu", "batch_size": 4},
+        "seeds": {"path": str(seeds), "num": None},
+        "sampling": {"max_new_tokens": 4},
+        "labeling": {"chain_of_thought": False, "require_answer": False, "drop_truncated": False},
+        # keep every record: this test counts them
+        "filters": {"dedup": False, "near_dedup_threshold": None, "drop_refusals": False},
+        **extra,
+    }
+    path = tmp_path / "gen.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+class _Result:
+    def __init__(self, r):
+        self.returncode, self.stderr, self.stdout = r.exit_code, r.output, ""
+
+
+def _run(*args):
+    """The CLI in this process (only the SIGKILL test needs a process of its own)."""
+    from typer.testing import CliRunner
+
+    from distillery.cli import app
+
+    return _Result(CliRunner().invoke(app, list(args)))
+
+
+def test_sigkill_mid_run_then_restart_loses_and_repeats_nothing(tmp_path, tiny_model_dir):
+    cfg = _config(tmp_path, tiny_model_dir, 120)
+    partial = tmp_path / "out" / "work" / "labeled.jsonl.partial"
+    proc = subprocess.Popen([*CLI, "generate", str(cfg)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if partial.exists() and partial.read_text().count("\n") >= 20:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written_before = partial.read_text().count("\n")
+    assert 20 <= written_before < 120, "the kill should land mid-run"
+
+    done = _run("generate", str(cfg))
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "out"
+    records = read_jsonl(out / "records.jsonl")
+    seeds = [f"q{i}" for i in range(120)]
+    assert sorted(r["meta"]["seed_id"] for r in records) == sorted(seeds)  # each exactly once
+    summary = json.loads((out / "summary.json").read_text())
+    phase = summary["phases"][0]
+    assert phase["resumed"] >= 20 and phase["resumed"] + phase["requests"] == 120
+    assert not partial.exists()
+
+
+def test_rerun_is_free_and_refiltering_needs_no_teacher(tmp_path, tiny_model_dir):
+    cfg = _config(tmp_path, tiny_model_dir, 12)
+    first = _run("generate", str(cfg))
+    assert first.returncode == 0, first.stderr
+    out = tmp_path / "out"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["records"] == 12 and summary["tokens"]["teacher"]["completion"] > 0
+    assert "labeled" in first.stderr and "records.jsonl" in first.stderr  # the summary table
+
+    # a stricter filter on the same run: re-filtered from the phase files, no teacher tokens
+    again = _run("generate", str(cfg), "filters.min_chars=1000")
+    assert again.returncode == 0, again.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tokens"]["teacher"]["completion"] == 0
+    assert summary["records"] == 0 and summary["filters"]["records"]["rejected"]["length"] == 12
+    rejects = read_jsonl(out / "rejects.jsonl")
+    assert {r["stage"] for r in rejects} == {"filter:length"} and len(rejects) == 12
+
+
+def test_changed_sampling_refuses_to_mix_into_an_old_run(tmp_path, tiny_model_dir):
+    cfg = _config(tmp_path, tiny_model_dir, 4)
+    assert _run("generate", str(cfg)).returncode == 0
+    res = _run("generate", str(cfg), "sampling.max_new_tokens=3")
+    assert res.returncode == 2
+    assert "different method, teacher" in res.stderr and "output_dir" in res.stderr
+
+
+def test_an_api_key_in_the_config_file_is_refused_without_echoing_it(tmp_path, tiny_model_dir):
+    cfg = _config(tmp_path, tiny_model_dir, 4)
+    data = yaml.safe_load(cfg.read_text())
+    data["teacher"]["api_key"] = "sk-very-secret-123"
+    cfg.write_text(yaml.safe_dump(data))
+    res = _run("generate", str(cfg))
+    assert res.returncode == 2
+    assert "teacher.api_key" in res.stderr and "api_key_env" in res.stderr
+    assert "sk-very-secret-123" not in res.stderr + res.stdout
