@@ -367,7 +367,6 @@ class Engine:
                 do_sample=False,
                 repetition_penalty=1.0,
                 no_repeat_ngram_size=0,
-                min_length=0,
                 min_new_tokens=0,
                 pad_token_id=self.pad_id,
                 eos_token_id=sorted(self.eos_ids) or None,
