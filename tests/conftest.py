@@ -37,3 +37,19 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     torch.manual_seed(0)
     model = build_model(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, device="cpu"), tiny_tokenizer)
     return save_model(model, tiny_tokenizer, tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="session")
+def demo_teacher():
+    """The shipped demo teacher (assets/demo_teacher): ~98% on 3-operand +/- arithmetic."""
+    from distillery.teachers import HFTeacher
+
+    return HFTeacher.from_pretrained("assets/demo_teacher", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tiny_model_dir):
+    """The random tiny model as a teacher: garbage text, deterministic under greedy decoding."""
+    from distillery.teachers import HFTeacher
+
+    return HFTeacher.from_pretrained(tiny_model_dir, device="cpu")

@@ -21,7 +21,7 @@ from distillery.elicit.filters import FilterConfig
 from distillery.elicit.labeling import LabelingConfig
 from distillery.elicit.seeds import Seed, read_seed_file, seed_id
 from distillery.records import read_jsonl
-from distillery.teachers import HFTeacher, SamplingParams
+from distillery.teachers import SamplingParams
 
 DEMO = Path(__file__).resolve().parents[1] / "assets" / "demo_teacher"  # answers "12+34" with chains
 
@@ -115,16 +115,6 @@ def test_balance_equal_per_topic_and_even_per_subtopic():
 
 
 # --------------------------------------------------------------------------- end to end
-
-
-@pytest.fixture(scope="module")
-def demo_teacher():
-    return HFTeacher.from_pretrained(DEMO, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def tiny_teacher(tiny_model_dir):
-    return HFTeacher.from_pretrained(tiny_model_dir, device="cpu")
 
 
 def _ctx(teacher, work_dir, seeds, max_new_tokens=24):

@@ -28,21 +28,20 @@ from distillery.elicit.labeling import LabelingConfig
 from distillery.elicit.seeds import Seed, load_seeds
 from distillery.elicit.self_knowledge import SelfKnowledgeConfig, parse_verdict, run_self_knowledge
 from distillery.records import read_jsonl
-from distillery.teachers import HFTeacher
 from distillery.teachers.base import SamplingParams
 
 DEMO = Path(__file__).resolve().parents[1] / "assets" / "demo_teacher"
 DEMO_TASK = TaskConfig(num_operands=3, digits=(1, 2), operations=["+", "-"])  # configs/demo_teacher.yaml
 
 
-@pytest.fixture(scope="module")
-def demo():
-    return HFTeacher.from_pretrained(DEMO, device="cpu")
+@pytest.fixture
+def demo(demo_teacher):
+    return demo_teacher
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    return HFTeacher.from_pretrained(tiny_model_dir, device="cpu")
+@pytest.fixture
+def tiny(tiny_teacher):
+    return tiny_teacher
 
 
 @pytest.fixture(scope="module")

@@ -105,6 +105,31 @@ def generate(args: list[str] = typer.Argument(..., help="CONFIG [key.sub=value .
     console.print(f"wrote {cfg.output_dir}/records.jsonl, rejects.jsonl, summary.json")
 
 
+@app.command()
+def serve(
+    model_dir: str = typer.Argument(..., help="A Hugging Face model directory (e.g. a trained student)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
+    port: int = typer.Option(8000, help="Port."),
+    model_name: str = typer.Option(None, help="Model id to serve under (default: the directory's name)."),
+    max_batch_size: int = typer.Option(32, min=1, help="Most requests decoded together; 1 = no batching."),
+    batch_wait_ms: float = typer.Option(5.0, min=0, help="How long to wait for more requests after the first."),
+    api_key_env: str = typer.Option(
+        None, help="Name of an environment variable holding the bearer token (unset: no auth)."
+    ),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
+    trust_remote_code: bool = typer.Option(False, help="Allow the model directory's own Python code."),
+) -> None:
+    """Serve a local model under the OpenAI API (/v1/models, /v1/chat/completions, /v1/completions)."""
+    _quiet_libraries()
+    from distillery.serve import serve_command
+
+    serve_command(
+        model_dir, host=host, port=port, model_name=model_name, max_batch_size=max_batch_size,
+        batch_wait_ms=batch_wait_ms, api_key_env=api_key_env, device=device,
+        trust_remote_code=trust_remote_code,
+    )
+
+
 @config_app.command("show")
 def config_show(
     args: list[str] = typer.Argument(None, help="[CONFIG] [key.sub=value ...]"),

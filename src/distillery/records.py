@@ -131,6 +131,19 @@ class JsonlWriter:
         return self.path
 
 
+def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> Path:
+    """JSONL rows through a temp file, fsync and rename: the file is old or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Write JSON to a temp file and rename it over ``path`` (never a half-written file)."""
     path = Path(path)

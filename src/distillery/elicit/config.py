@@ -7,8 +7,12 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from distillery.config import StrictModel, TaskConfig, TeacherConfig
+from distillery.elicit.curation import CurationConfig
+from distillery.elicit.expansion import ExpansionConfig
+from distillery.elicit.feedback import FeedbackConfig
 from distillery.elicit.filters import FilterConfig
 from distillery.elicit.labeling import LabelingConfig
+from distillery.elicit.self_knowledge import SelfKnowledgeConfig
 from distillery.teachers.base import SamplingParams
 
 METHODS = ("labeling", "expansion", "curation", "feedback", "self_knowledge", "feature")
@@ -56,12 +60,11 @@ class GenerateJobConfig(StrictModel):
     seeds: SeedsConfig | None = None
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     labeling: LabelingConfig = Field(default_factory=LabelingConfig)
-    # method sections are plain dicts here and validated by the method's own config model,
-    # so each method module owns its options (see docs/elicitation.md)
-    expansion: dict = Field(default_factory=dict)
-    curation: dict = Field(default_factory=dict)
-    feedback: dict = Field(default_factory=dict)
-    self_knowledge: dict = Field(default_factory=dict)
+    # one section per method (each defined next to its method, see docs/elicitation/)
+    expansion: ExpansionConfig = Field(default_factory=ExpansionConfig)
+    curation: CurationConfig | None = None  # needs a taxonomy, so no default
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+    self_knowledge: SelfKnowledgeConfig = Field(default_factory=SelfKnowledgeConfig)
     filters: FilterConfig = Field(default_factory=FilterConfig)
     # evaluation prompts to decontaminate against (n-gram overlap); None = no decontamination
     decontaminate: SeedsConfig | None = None
@@ -73,6 +76,8 @@ class GenerateJobConfig(StrictModel):
         if self.method in ("feedback", "self_knowledge") and self.student is None:
             raise ValueError(f"method {self.method!r} samples the student's answers: set student "
                              "(backend/model, like teacher)")
+        if self.method == "curation" and self.curation is None:
+            raise ValueError("method 'curation' needs curation.taxonomy (topics, or topic: [subtopics])")
         if self.method != "curation" and self.seeds is None:
             raise ValueError(f"method {self.method!r} needs seeds (seeds.task or seeds.path)")
         return self

@@ -34,12 +34,11 @@ from distillery.elicit.expansion import (
     generation_params,
     parse_list,
     request_order,
-    write_rows,
     write_seed_file,
 )
 from distillery.elicit.seeds import Seed, seed_id
 from distillery.elicit.templates import builtin, render
-from distillery.records import read_jsonl
+from distillery.records import read_jsonl, write_jsonl_atomic
 from distillery.teachers.base import GenerationRequest, GenerationResult, SamplingParams
 
 
@@ -237,7 +236,7 @@ def run_curation(ctx: ElicitContext, cfg: CurationConfig) -> MethodResult:
                  **s.extra} for s in cut]
     after = Counter(s.extra["topic"] for s in kept)
     out = write_seed_file(work / "curation_tasks.jsonl", kept)
-    write_rows(work / "curation_dropped.jsonl", dropped)
+    write_jsonl_atomic(work / "curation_dropped.jsonl", dropped)
     notes.update({
         "taxonomy": taxonomy,
         "tasks_parsed": len(tasks),

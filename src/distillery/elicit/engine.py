@@ -34,7 +34,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from distillery.records import read_jsonl
+from distillery.records import read_jsonl, write_jsonl_atomic
 from distillery.teachers.base import Generation, GenerationRequest, GenerationResult, Teacher
 
 
@@ -139,7 +139,7 @@ class PhaseFiles:
         for path, rows in lines.items():
             keep = [r for r in rows if r["meta"]["request_id"] in done]
             if len(keep) != len(rows) or _has_torn_tail(path):
-                _rewrite(path, keep)
+                write_jsonl_atomic(path, keep)
         return done
 
     def open(self) -> tuple:
@@ -175,14 +175,6 @@ def _has_torn_tail(path: Path) -> bool:
         return f.read(1) != b"\n"
 
 
-def _rewrite(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- progress

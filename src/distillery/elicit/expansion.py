@@ -37,7 +37,7 @@ from distillery.elicit.context import ElicitContext, MethodResult
 from distillery.elicit.engine import MalformedOutput, Outcome, PhaseSummary, run_phase
 from distillery.elicit.seeds import Seed, seed_id
 from distillery.elicit.templates import builtin, render
-from distillery.records import read_jsonl
+from distillery.records import read_jsonl, write_jsonl_atomic
 from distillery.teachers.base import GenerationRequest, GenerationResult, SamplingParams
 
 EVOLUTIONS = ("add_constraints", "deepen", "concretize", "increase_reasoning", "breadth")
@@ -207,13 +207,6 @@ def write_seed_file(path: Path, seeds: list[Seed]) -> Path:
     return path
 
 
-def write_rows(path: Path, rows: list[dict]) -> Path:
-    """Plain JSONL rows (dropped items with reasons), written atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    os.replace(tmp, path)
-    return path
 
 
 def request_order(record: dict) -> tuple[int, int]:
@@ -334,7 +327,7 @@ def run_expansion(ctx: ElicitContext, cfg: ExpansionConfig) -> MethodResult:
         phases.append(summary)
         new, dropped = dedup_new(ctx, pool, _candidates(path))
         write_seed_file(work / f"expand_r{rnd}.seeds.jsonl", new)
-        write_rows(work / f"expand_r{rnd}.duplicates.jsonl", dropped)
+        write_jsonl_atomic(work / f"expand_r{rnd}.duplicates.jsonl", dropped)
         per_round.append({"round": rnd, "requests": len(reqs), "candidates": summary.records,
                           "rejected": summary.rejects, "duplicates": len(dropped), "new": len(new)})
         pool += new

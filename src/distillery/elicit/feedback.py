@@ -40,10 +40,9 @@ from distillery.elicit.self_knowledge import (
     sample_handler,
     sample_order,
     sample_requests,
-    write_jsonl_atomic,
 )
 from distillery.elicit.templates import builtin, render
-from distillery.records import sft_record
+from distillery.records import sft_record, write_jsonl_atomic
 from distillery.teachers.base import GenerationRequest, GenerationResult, SamplingParams
 
 METHOD = "feedback"

@@ -24,37 +24,33 @@ from rich.table import Table
 from distillery.config import ConfigError, config_hash, dump_config
 from distillery.elicit.config import GenerateJobConfig
 from distillery.elicit.context import ElicitContext, MethodResult
+from distillery.elicit.curation import run_curation
 from distillery.elicit.engine import ResponseCache
+from distillery.elicit.expansion import run_expansion
+from distillery.elicit.feedback import run_feedback
 from distillery.elicit.filters import FilterReport, run_filters
 from distillery.elicit.labeling import run_labeling
 from distillery.elicit.seeds import load_seeds
-from distillery.records import read_jsonl, write_json_atomic
+from distillery.elicit.self_knowledge import run_self_knowledge
+from distillery.records import read_jsonl, write_json_atomic, write_jsonl_atomic
 from distillery.teachers import Teacher, build_teacher
 
 console = Console(stderr=True)
 
 
+RUNNERS = {"expansion": run_expansion, "curation": run_curation, "feedback": run_feedback,
+           "self_knowledge": run_self_knowledge}
+# keys that only re-select from the phase files: changing them needs no new requests
+ASSEMBLY_KEYS = {"feedback": {"min_margin", "pairs", "chosen_from_correction"},
+                 "self_knowledge": {"keep_per_problem", "min_pass_rate", "max_pass_rate"}}
+
+
 def _method_runner(cfg: GenerateJobConfig):  # noqa: ANN202
-    """The method's run function and its validated config section."""
-    method = cfg.method
-    if method == "labeling":
+    """The method's run function and its config section."""
+    if cfg.method == "labeling":
         return lambda ctx: MethodResult(*_label_all(ctx)), None
-    if method == "expansion":
-        from distillery.elicit.expansion import ExpansionConfig, run_expansion
-
-        return run_expansion, ExpansionConfig(**cfg.expansion)
-    if method == "curation":
-        from distillery.elicit.curation import CurationConfig, run_curation
-
-        return run_curation, CurationConfig(**cfg.curation)
-    if method == "feedback":
-        from distillery.elicit.feedback import FeedbackConfig, run_feedback
-
-        return run_feedback, FeedbackConfig(**cfg.feedback)
-    if method == "self_knowledge":
-        from distillery.elicit.self_knowledge import SelfKnowledgeConfig, run_self_knowledge
-
-        return run_self_knowledge, SelfKnowledgeConfig(**cfg.self_knowledge)
+    if cfg.method in RUNNERS:
+        return RUNNERS[cfg.method], getattr(cfg, cfg.method)
     raise ConfigError(
         "method 'feature' hands teacher features (top-k log-probabilities) to the logit cache: "
         "generate the records with method: labeling, then capture them with the logit-cache "
@@ -69,8 +65,10 @@ def _label_all(ctx: ElicitContext):  # noqa: ANN202
 
 def _fingerprint(cfg: GenerateJobConfig) -> str:
     """What decides the phase files (not the filters, which re-run from them for free)."""
-    return config_hash(cfg.method, cfg.teacher, cfg.student, cfg.seeds, cfg.sampling, cfg.labeling,
-                       getattr(cfg, cfg.method, None))
+    section = getattr(cfg, cfg.method, None)
+    if section is not None:
+        section = section.model_dump(exclude=ASSEMBLY_KEYS.get(cfg.method, set()))
+    return config_hash(cfg.method, cfg.teacher, cfg.student, cfg.seeds, cfg.sampling, cfg.labeling, section)
 
 
 def _check_work_dir(work_dir: Path, fingerprint: str, config_text: str) -> None:
@@ -147,22 +145,16 @@ def _finish(cfg: GenerateJobConfig, result: MethodResult, eval_texts: list[str] 
         if path is None:
             continue
         report: FilterReport = run_filters(read_jsonl(path), cfg.filters, eval_texts)
-        _write_jsonl_atomic(out / f"{kind}.jsonl", report.kept)
+        write_jsonl_atomic(out / f"{kind}.jsonl", report.kept)
         rejects += [{"id": r["record"].get("id"), "stage": f"filter:{r['filter']}", "reason": r["reason"],
                      "record": r["record"]} for r in report.rejected]
         summary["filters"][kind] = report.to_dict()
         summary[kind] = len(report.kept)
-    _write_jsonl_atomic(out / "rejects.jsonl", rejects)
+    write_jsonl_atomic(out / "rejects.jsonl", rejects)
     summary["rejects"] = len(rejects)
     return summary
 
 
-def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
 
 
 def print_summary(summary: dict) -> None:

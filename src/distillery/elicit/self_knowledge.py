@@ -23,7 +23,6 @@ Phases (each through :func:`~distillery.elicit.engine.run_phase`, so resumable a
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -40,7 +39,7 @@ from distillery.elicit.filters import answers_equivalent, extract_final_answer
 from distillery.elicit.labeling import parse_answer
 from distillery.elicit.seeds import Seed
 from distillery.elicit.templates import builtin, render
-from distillery.records import read_jsonl, sft_record
+from distillery.records import read_jsonl, sft_record, write_jsonl_atomic
 from distillery.teachers.base import (
     Generation,
     GenerationRequest,
@@ -113,12 +112,6 @@ def verify_answer(text: str, reference: str, pattern: str | None = None) -> tupl
     return answer is not None and answers_equivalent(answer, reference), answer
 
 
-def write_jsonl_atomic(path: Path, rows: list[dict]) -> Path:
-    """JSONL rows into ``path`` through a temp file and a rename (never half written)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 def clean_meta(meta: dict) -> dict:
