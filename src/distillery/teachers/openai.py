@@ -401,7 +401,7 @@ class _Session:
             d["stop"] = list(p.stop)
         if p.min_new_tokens:
             d["min_tokens"] = p.min_new_tokens  # vLLM/SGLang extension; only sent when asked for
-        tokens = -(-chars // 4) + p.max_new_tokens * p.n
+        tokens = -(-chars // 4) + p.max_new_tokens * p.n  # estimate_tokens without joining the text
         return json.dumps(d, ensure_ascii=False).encode(), tokens
 
     async def run(self, req: GenerationRequest) -> GenerationResult:
@@ -422,11 +422,11 @@ class _Session:
         malformed = 0
         avoid: _Endpoint | None = None
         while True:
-            if self.limiter.active:
-                await self.limiter.acquire(tokens)
-            ep = self.pick(avoid)
             try:
                 async with self.sem:
+                    if self.limiter.active:  # paced after the slot is ours: no burst on release
+                        await self.limiter.acquire(tokens)
+                    ep = self.pick(avoid)  # chosen at send time, when in-flight counts are current
                     ep.in_flight += 1
                     stats.in_flight += 1
                     try:
