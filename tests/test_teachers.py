@@ -72,3 +72,23 @@ def test_labeling_writes_contract_records_and_resumes(tmp_path, tiny_model_dir, 
     assert r["meta"]["method"] == "labeling" and r["meta"]["teacher"] == str(tiny_model_dir)
     assert r["meta"]["sampling"]["max_new_tokens"] == 6
     assert not (tmp_path / "labeled.jsonl.partial").exists()
+
+
+def test_topk_logprobs_match_a_float64_forward_pass(tiny_model_dir):
+    import torch
+
+    teacher = HFTeacher.from_pretrained(tiny_model_dir, device="cpu")
+    seqs = [[5, 9, 17, 3, 40], [7, 7], [12, 30, 31]]
+    got = teacher.logprobs(seqs, k=4, batch_size=2)  # mixed lengths in one right-padded batch
+    model = teacher.model.double()
+    try:
+        for seq, top in zip(seqs, got):
+            with torch.no_grad():
+                ref = torch.log_softmax(model(torch.tensor([seq])).logits[0], dim=-1)
+            assert top.ids.shape == (len(seq), 4) and top.log_tail.shape == (len(seq),)
+            torch.testing.assert_close(top.logprobs.double(), ref.gather(-1, top.ids), atol=1e-5, rtol=0)
+            assert torch.equal(top.ids, ref.topk(4, dim=-1).indices)
+            total = torch.logaddexp(top.logprobs.double().logsumexp(-1), top.log_tail.double())
+            torch.testing.assert_close(total, torch.zeros(len(seq), dtype=torch.float64), atol=1e-5, rtol=0)
+    finally:
+        model.float()
