@@ -18,6 +18,7 @@ CLI = [sys.executable, "-m", "distillery.cli"]
 
 
 def _config(tmp_path: Path, model_dir: Path, n_seeds: int, **extra) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     seeds = tmp_path / "seeds.jsonl"
     seeds.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"{i}+{i % 7}", "reference": str(i + i % 7)})
                              + "\n" for i in range(n_seeds)))
@@ -114,3 +115,43 @@ def test_an_api_key_in_the_config_file_is_refused_without_echoing_it(tmp_path, t
     assert res.returncode == 2
     assert "teacher.api_key" in res.stderr and "api_key_env" in res.stderr
     assert "sk-very-secret-123" not in res.stderr + res.stdout
+
+
+def _teacher_over_http(base_urls, **kw):
+    return {"backend": "openai", "model": "demo_teacher", "base_urls": base_urls, "max_concurrency": 8, **kw}
+
+
+def test_openai_backend_against_distillery_serve_matches_the_local_teacher(tmp_path):
+    from distillery.serve import start_server
+
+    seeds = {"task": {"name": "arithmetic", "num_operands": 3, "digits": [1, 2]}, "num": 24}
+    local = _config(tmp_path / "local", Path("assets/demo_teacher"), 1, seeds=seeds,
+                    sampling={"max_new_tokens": 48})
+    assert _run("generate", str(local)).returncode == 0
+    with start_server("assets/demo_teacher", max_batch_size=8) as server:
+        remote = _config(tmp_path / "remote", Path("assets/demo_teacher"), 1, seeds=seeds,
+                         sampling={"max_new_tokens": 48}, teacher=_teacher_over_http([server.base_url]))
+        res = _run("generate", str(remote))
+    assert res.returncode == 0, res.stderr
+    by_seed = {}
+    for side in ("local", "remote"):
+        recs = read_jsonl(tmp_path / side / "out" / "records.jsonl")
+        by_seed[side] = {r["meta"]["seed_id"]: r["messages"][1]["content"] for r in recs}
+    assert len(by_seed["local"]) == 24 and by_seed["local"] == by_seed["remote"]
+    summary = json.loads((tmp_path / "remote" / "out" / "summary.json").read_text())
+    assert summary["tokens"]["teacher"]["completion"] > 24 and summary["teacher"] == "demo_teacher"
+
+
+def test_an_unreachable_teacher_gives_rejects_with_the_reason_not_a_crash(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    cfg = _config(tmp_path, Path("assets/demo_teacher"), 5,
+                  teacher=_teacher_over_http([dead], max_retries=1, backoff_base_s=0.01))
+    res = _run("generate", str(cfg))
+    assert res.returncode == 0, res.stderr
+    rejects = read_jsonl(tmp_path / "out" / "rejects.jsonl")
+    assert len(rejects) == 5 and all(r["reason"].startswith("teacher_error") for r in rejects)
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["tokens"]["teacher"]["failed_requests"] == 5

@@ -161,15 +161,17 @@ def print_summary(summary: dict) -> None:
     """The end-of-run table: requests, records and rejects per phase, then per filter."""
     table = Table(title=f"generate: {summary['method']} ({summary['seconds']} s)")
     for col in ("phase / filter", "requests", "cached", "resumed", "kept", "rejected", "reasons"):
-        table.add_column(col, justify="left" if col in ("phase / filter", "reasons") else "right")
+        left = col in ("phase / filter", "reasons")
+        table.add_column(col, justify="left" if left else "right", no_wrap=col != "reasons")
     for p in summary["phases"]:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(p["reject_reasons"].items()))
         table.add_row(p["name"], str(p["requests"]), str(p["cached"]), str(p["resumed"]),
                       str(p["records"]), str(p["rejects"]), reasons)
     for kind, rep in summary["filters"].items():
         for name, n in rep["rejected"].items():
-            table.add_row(f"filter {name} ({kind})", "", "", "", "", str(n), "")
-        table.add_row(f"[bold]{kind}.jsonl", "", "", "", f"[bold]{rep['kept']}", "", f"of {rep['total']}")
+            table.add_row(f"filter:{name}", "", "", "", "", str(n), "")
+        table.add_row(f"[bold]{kind}.jsonl", "", "", "", f"[bold]{rep['kept']}",
+                      str(rep["total"] - rep["kept"]), "")
     console.print(table)
     t = summary["tokens"]["teacher"]
     console.print(f"teacher tokens: {t['prompt']} prompt + {t['completion']} completion; "
