@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from distillery.records import read_jsonl
@@ -155,3 +156,39 @@ def test_an_unreachable_teacher_gives_rejects_with_the_reason_not_a_crash(tmp_pa
     rejects = read_jsonl(tmp_path / "out" / "rejects.jsonl")
     assert len(rejects) == 5 and all(r["reason"].startswith("teacher_error") for r in rejects)
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["tokens"]["teacher"]["failed_requests"] == 5
+
+
+ARITH = {"name": "arithmetic", "num_operands": 3, "digits": [1, 2]}
+DEMO = {"backend": "hf", "model": "assets/demo_teacher", "device": "cpu", "batch_size": 16}
+METHODS = {
+    "expansion": {"expansion": {"strategy": "evol_instruct", "rounds": 1, "per_round": 4,
+                                "max_new_tokens": 24, "temperature": 1.0}},
+    "curation": {"curation": {"taxonomy": {"sums": ["two numbers", "three numbers"], "differences": ["small"]},
+                              "tasks_per_subtopic": 2, "max_new_tokens": 24}},
+    "feedback": {"student": DEMO, "feedback": {"samples_per_prompt": 2, "student_max_new_tokens": 24,
+                                               "correct_below": 5}},
+    "self_knowledge": {"student": DEMO, "self_knowledge": {"k": 2, "max_new_tokens": 48, "rationalize": True}},
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_runs_end_to_end_through_the_cli(tmp_path, method):
+    cfg = {"output_dir": str(tmp_path / "out"), "method": method, "teacher": DEMO,
+           "seeds": {"task": ARITH, "num": 4}, "sampling": {"max_new_tokens": 24},
+           "labeling": {"chain_of_thought": False, "require_answer": False, "drop_truncated": False},
+           **METHODS[method]}
+    path = tmp_path / "gen.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = _run("generate", str(path))
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["method"] == method and summary["phases"]
+    produced = sum(summary.get(k, 0) for k in ("records", "preferences")) + summary["rejects"]
+    assert produced > 0  # every request ended somewhere: kept, or rejected with a reason
+    rejects = read_jsonl(tmp_path / "out" / "rejects.jsonl")
+    assert all(r.get("reason") for r in rejects)
+    # a second run asks nobody anything
+    again = _run("generate", str(path))
+    assert again.returncode == 0, again.stderr
+    tokens = json.loads((tmp_path / "out" / "summary.json").read_text())["tokens"]
+    assert tokens["teacher"]["completion"] == 0 and tokens.get("student", {}).get("completion", 0) == 0
