@@ -1,6 +1,7 @@
 """A real HTTP server speaking enough of the OpenAI API to test clients, with injectable faults.
 
-It answers ``POST /v1/chat/completions`` and ``POST /v1/completions`` (and ``GET /v1/models``)
+It answers ``POST /v1/chat/completions`` and ``POST /v1/completions`` (and ``GET /v1/models``,
+``GET /v1/stats``: the counters below)
 over HTTP/1.1 with keep-alive, on raw asyncio streams so every fault is a real network event:
 
 * the answer to a prompt ``P`` is, per choice ``i``, ``"answer to: P"`` (plus ``" #i"`` when
@@ -159,6 +160,11 @@ class FaultServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def snapshot(self) -> dict:
+        """Counters so far (also served at ``GET /v1/stats``)."""
+        return {"arrivals": len(self.arrivals), "answered": self.answered, "active": self.active,
+                "max_active": self.max_active, "serving": self.serving, "max_serving": self.max_serving}
+
     def gaps(self) -> list[float]:
         """Seconds between consecutive arrivals."""
         ts = [a.t for a in self.arrivals]
@@ -204,6 +210,9 @@ class FaultServer:
                        writer: asyncio.StreamWriter) -> bool:
         if method == "GET" and path.rstrip("/").endswith("/models"):
             await self._send(writer, 200, json.dumps({"object": "list", "data": [{"id": "fault", "object": "model"}]}))
+            return True
+        if method == "GET" and path.rstrip("/").endswith("/stats"):  # what it saw, for benchmarks
+            await self._send(writer, 200, json.dumps(self.snapshot()))
             return True
         chat = path.endswith("/chat/completions")
         if method != "POST" or not (chat or path.endswith("/completions")):
