@@ -255,6 +255,17 @@ def test_lazy_input_and_early_break_do_not_hang():
         assert t.stats.in_flight == 0
 
 
+def test_break_cancels_requests_in_flight():
+    with FaultServer(prompt_faults={"slow": Fault.slow(30)}) as srv:
+        t = teacher(srv.base_url, max_concurrency=8)
+        t0 = time.monotonic()
+        gen = t.stream(reqs(1) + reqs(6, "slow"))
+        first = next(gen)
+        gen.close()  # what `break` does
+        assert first.request.id == "q0" and time.monotonic() - t0 < 5
+        assert t.stats.in_flight == 0 and len(srv.arrivals) == 7
+
+
 def test_agenerate_one(server):
     import asyncio
 
