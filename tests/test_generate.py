@@ -53,30 +53,50 @@ def _run(*args):
     return _Result(CliRunner().invoke(app, list(args)))
 
 
-def test_sigkill_mid_run_then_restart_loses_and_repeats_nothing(tmp_path, tiny_model_dir):
-    cfg = _config(tmp_path, tiny_model_dir, 120)
-    partial = tmp_path / "out" / "work" / "labeled.jsonl.partial"
+def _kill_mid_run(cfg: Path, partial: Path, at_least: int, total: int) -> int:
+    """Start `distillery generate`, SIGKILL it once ``at_least`` records are on disk."""
     proc = subprocess.Popen([*CLI, "generate", str(cfg)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        if partial.exists() and partial.read_text().count("\n") >= 20:
+    while time.monotonic() < deadline and proc.poll() is None:
+        if partial.exists() and partial.read_text().count("\n") >= at_least:
             break
-        time.sleep(0.05)
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    written_before = partial.read_text().count("\n")
-    assert 20 <= written_before < 120, "the kill should land mid-run"
+    written = partial.read_text().count("\n")
+    assert at_least <= written < total, "the kill should land mid-run"
+    return written
 
-    done = _run("generate", str(cfg))
+
+@pytest.mark.parametrize("backend", ["hf", "openai"])
+def test_sigkill_mid_run_then_restart_loses_and_repeats_nothing(tmp_path, tiny_model_dir, backend):
+    from fault_server import FaultServer
+
+    server = None
+    extra = {}
+    total = 120
+    if backend == "openai":
+        # requests in flight when the process dies: a real HTTP server that answers after 50 ms
+        server = FaultServer(delay_s=0.05, capacity=16).start()
+        extra["teacher"] = {"backend": "openai", "model": "m", "base_urls": [server.base_url],
+                            "max_concurrency": 16}
+        total = 400
+    try:
+        cfg = _config(tmp_path, tiny_model_dir, total, **extra)
+        partial = tmp_path / "out" / "work" / "labeled.jsonl.partial"
+        written = _kill_mid_run(cfg, partial, 20, total)
+        done = _run("generate", str(cfg))
+    finally:
+        if server is not None:
+            server.stop()
     assert done.returncode == 0, done.stderr
     out = tmp_path / "out"
     records = read_jsonl(out / "records.jsonl")
-    seeds = [f"q{i}" for i in range(120)]
+    seeds = [f"q{i}" for i in range(total)]
     assert sorted(r["meta"]["seed_id"] for r in records) == sorted(seeds)  # each exactly once
-    summary = json.loads((out / "summary.json").read_text())
-    phase = summary["phases"][0]
-    assert phase["resumed"] >= 20 and phase["resumed"] + phase["requests"] == 120
+    phase = json.loads((out / "summary.json").read_text())["phases"][0]
+    assert phase["resumed"] == written and phase["resumed"] + phase["requests"] == total
     assert not partial.exists()
 
 
