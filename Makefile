@@ -33,10 +33,11 @@ test: $(DEV_STAMP)
 test-slow: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
-## benchmarks print JSON lines; the TRL baselines need the bench extra
+## benchmarks print JSON lines (KD losses; teacher client and server throughput); the TRL baselines need the bench extra
 bench: $(DEV_STAMP)
 	$(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python bench/kd_loss.py
+	$(BIN)/python bench/generate.py
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check src tests bench
