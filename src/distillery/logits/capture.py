@@ -1,0 +1,83 @@
+"""``distillery capture``: the teacher's top-k next-token distributions over a dataset, on disk.
+
+Each record is tokenized exactly as training tokenizes it (the student's tokenizer, its chat
+template, ``max_seq_len``). The teacher then scores the sequence, and the cache keeps one row per
+position the student learns from: position ``t`` is stored when ``labels[t + 1]`` is an
+assistant token, holding the teacher's top-k distribution of ``input_ids[t + 1]`` given
+``input_ids[:t + 1]``. Prompt positions are never trained on, so they are not stored.
+
+Shards are written atomically every ``shard_size`` examples; a killed capture resumes from the
+complete shards (see :class:`~distillery.logits.cache.CacheWriter`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from distillery.config import CaptureConfig
+from distillery.logits.cache import CacheWriter, Manifest, tokenizer_hash
+from distillery.logits.format import TopKExample
+from distillery.models import load_tokenizer
+from distillery.teachers import build_teacher
+from distillery.train.data import IGNORE, tokenize_messages
+
+console = Console(stderr=True)
+
+
+def stored_positions(labels: list[int]) -> np.ndarray:
+    """Positions ``t`` whose next token is trained on (``labels[t + 1] != IGNORE``) ``[P]``."""
+    lab = np.asarray(labels)
+    return np.nonzero(lab[1:] != IGNORE)[0]
+
+
+def _examples(records: list[dict], tokenizer, max_len: int, done: set[str]) -> Iterator[tuple]:  # noqa: ANN001
+    for rec in records:
+        if rec["id"] in done:
+            continue
+        item = tokenize_messages(rec["messages"], tokenizer, max_len)
+        positions = stored_positions(item["labels"])
+        if len(positions):
+            yield rec["id"], item["input_ids"], positions
+
+
+def run_capture(cfg: CaptureConfig, show_progress: bool = True) -> Manifest:
+    """Capture ``cfg.data`` through ``cfg.teacher`` into ``cfg.output_dir``; resumes a killed run."""
+    from distillery.train.job import load_training_records
+
+    records = load_training_records(cfg.data)
+    tok_source = cfg.tokenizer or cfg.teacher.model
+    tokenizer = load_tokenizer(tok_source, trust_remote_code=cfg.teacher.trust_remote_code)
+    teacher = build_teacher(cfg.teacher)
+    if not hasattr(teacher, "logprobs"):
+        raise ValueError(f"teacher backend {cfg.teacher.backend!r} cannot return log-probs")
+    writer = CacheWriter(cfg.output_dir, teacher=teacher.name, tokenizer_hash=tokenizer_hash(tokenizer),
+                         k=cfg.k, temperature=cfg.temperature, vocab_size=len(tokenizer),
+                         shard_size=cfg.shard_size)
+    done = writer.done_ids()
+    todo = list(_examples(records, tokenizer, cfg.max_seq_len, done))
+    batch = max(1, cfg.teacher.batch_size)
+    t0, tokens = time.perf_counter(), 0
+    columns = (TextColumn("[bold]capture"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=not show_progress) as progress:
+        bar = progress.add_task("capture", total=len(done) + len(todo), completed=len(done), rate="")
+        for start in range(0, len(todo), batch):
+            chunk = todo[start : start + batch]
+            tops = teacher.logprobs([ids for _, ids, _ in chunk], cfg.k, temperature=cfg.temperature)
+            for (rid, ids, positions), top in zip(chunk, tops):
+                writer.add(TopKExample(
+                    id=rid, token_ids=np.asarray(ids, dtype=np.int64),
+                    ids=top.ids[positions].numpy(), logprobs=top.logprobs[positions].numpy(),
+                    log_tail=top.log_tail[positions].numpy()))
+                tokens += len(positions)
+            dt = time.perf_counter() - t0
+            progress.update(bar, advance=len(chunk), rate=f"{tokens / max(dt, 1e-9):.0f} tok/s")
+    manifest = writer.finish()
+    console.print(f"captured {manifest.count} examples ({len(done)} from an earlier run) into "
+                  f"{cfg.output_dir}: k={cfg.k}, {tokens} new positions in {time.perf_counter() - t0:.1f} s")
+    return manifest
