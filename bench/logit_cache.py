@@ -9,10 +9,12 @@ A small Llama (vocab 32000, and 128256 unless ``--quick``) gives the teacher dis
 Per vocab, kind and k in (32, 64, 128), one JSON line: bytes/token and mean/max KL (nats, over
 the k + 1 buckets: top-k and tail, float64) of raw top-k (int32 ids + fp16 log-probs + fp16 tail +
 the token id) and of ours (the whole shard file / tokens), encode and decode tokens/s.
-Per vocab one ``capture`` line: tokens/s of the plain forward alone and of the capture on the
-same batches: forward + log_softmax + topk + tail + encode, the way ``HFTeacher.logprobs`` does it
-(``hf``) and a lean variant (``lean``: topk on the logits, one logsumexp, the tail from the
-top-k's own logsumexp), k = 64. Timings are medians of ``--repeats`` runs.
+Per vocab and teacher size one ``capture`` line: tokens/s of the plain forward alone and of the
+capture on the same batches (``distillery.teachers.hf.topk_logprobs``, the function
+``HFTeacher.logprobs`` and ``distillery capture`` run: forward + logsumexp + topk + tail, then the
+shard encoder), k = 64. Two teacher sizes: ``tiny`` (2 layers × 256, where the lm_head is most of
+the forward: the worst case for the overhead) and ``small`` (6 layers × 768, closer to a real
+teacher's ratio of transformer to lm_head work). Timings are medians of ``--repeats`` runs.
 
 Usage: ``python bench/logit_cache.py [--quick] [--out bench/results_logit_cache_DATE.jsonl]``.
 """
@@ -34,35 +36,28 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from distillery.logits import ShardReader, TopKExample, write_shard
 from distillery.logits.format import _kl_rows, encode_positions
+from distillery.losses import TeacherTopK
+from distillery.teachers.hf import topk_logprobs
+
+SIZES = {"tiny": (256, 2), "small": (768, 6)}
 
 
-def build(vocab: int, seed: int = 0) -> LlamaForCausalLM:
+def build(vocab: int, size: str = "tiny", seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
-                      tie_word_embeddings=False)
+    hidden, layers = SIZES[size]
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                      max_position_embeddings=1024, tie_word_embeddings=False)
     return LlamaForCausalLM(cfg).eval()
 
 
-def hf_capture(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    top_lp, top_ids = logp.topk(k, dim=-1)
-    log_tail = logp.scatter(-1, top_ids, float("-inf")).logsumexp(-1)
-    return top_ids, top_lp, log_tail
+def capture_batch(model, batch: torch.Tensor, k: int, temperature: float = 1.0) -> list[TeacherTopK]:
+    return topk_logprobs(model, batch.tolist(), k, temperature=temperature, batch_size=batch.shape[0])
 
 
-def lean_capture(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """log_softmax + topk; the tail from the top-k's own mass (float64): no second pass over V.
-    Tails below ~1e-7 lose relative precision (float32 log-probs), which costs < 1e-7 nats."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    top_lp, top_ids = logp.topk(k, dim=-1)
-    in_top = top_lp.double().logsumexp(-1).clamp(max=-1e-300)
-    return top_ids, top_lp, torch.log(-torch.expm1(in_top)).float()
-
-
-def to_examples(tokens: torch.Tensor, ids, lp, tail, start: int) -> list[TopKExample]:
-    return [TopKExample(f"ex{start + i}", tokens[i].numpy(), ids[i].numpy(), lp[i].numpy(),
-                        tail[i].numpy()) for i in range(tokens.shape[0])]
+def to_examples(tokens: torch.Tensor, tops: list[TeacherTopK], start: int) -> list[TopKExample]:
+    return [TopKExample(f"ex{start + i}", tokens[i].numpy(), t.ids.numpy(), t.logprobs.numpy(),
+                        t.log_tail.numpy()) for i, t in enumerate(tops)]
 
 
 def median_time(fn, repeats: int) -> float:
@@ -87,50 +82,45 @@ def raw_bytes_and_kl(ex: TopKExample, vocab: int) -> tuple[int, np.ndarray]:
     return nbytes, kl
 
 
-def run_vocab(vocab: int, args: argparse.Namespace, emit) -> None:
-    model = build(vocab)
-    g = torch.Generator().manual_seed(1)
-    batches = [torch.randint(0, vocab, (args.batch, args.seq), generator=g) for _ in range(args.batches)]
-    n_tokens = args.batch * args.seq * args.batches
-    with torch.no_grad():
-        std = statistics.mean(float(model(input_ids=b).logits.float().std(-1).mean()) for b in batches[:1])
-    scale = {"flat": 1.0, "peaked": args.peak_std / std}
+def capture_throughput(vocab: int, size: str, batches: list[torch.Tensor], args, emit) -> None:
+    """Forward alone vs the whole capture (forward, top-k, tail, encode) on the same batches."""
+    model = build(vocab, size)
+    n_tokens = sum(b.numel() for b in batches)
 
-    # capture throughput, k = 64, on the peaked teacher (the forward is the same for both)
     def forward_only():
         with torch.no_grad():
             for b in batches:
                 _ = model(input_ids=b).logits
 
-    def capture(kind: str):
-        def go():
-            fn = hf_capture if kind == "hf" else lean_capture
-            with torch.no_grad():
-                for j, b in enumerate(batches):
-                    logits = model(input_ids=b).logits * scale["peaked"]
-                    ids, lp, tail = fn(logits, 64)
-                    for ex in to_examples(b, ids, lp, tail, j * args.batch):
-                        encode_positions(ex.ids, ex.logprobs, ex.log_tail, vocab_size=vocab)
-        return go
+    def capture():
+        for b in batches:
+            for t in capture_batch(model, b, 64):
+                encode_positions(t.ids.numpy(), t.logprobs.numpy(), t.log_tail.numpy(), vocab_size=vocab)
 
     forward_only()  # warm up
     t_fwd = median_time(forward_only, args.repeats)
-    t_hf = median_time(capture("hf"), args.repeats)
-    t_lean = median_time(capture("lean"), args.repeats)
-    emit({"what": "capture", "vocab": vocab, "k": 64, "tokens": n_tokens,
-          "forward_tokens_per_s": round(n_tokens / t_fwd),
-          "capture_hf_tokens_per_s": round(n_tokens / t_hf),
-          "capture_lean_tokens_per_s": round(n_tokens / t_lean),
-          "capture_hf_over_forward": round(t_hf / t_fwd, 3),
-          "capture_lean_over_forward": round(t_lean / t_fwd, 3)})
+    t_cap = median_time(capture, args.repeats)
+    emit({"what": "capture", "vocab": vocab, "teacher": size, "layers_x_hidden": list(SIZES[size][::-1]),
+          "k": 64, "tokens": n_tokens, "forward_tokens_per_s": round(n_tokens / t_fwd),
+          "capture_tokens_per_s": round(n_tokens / t_cap), "capture_over_forward": round(t_cap / t_fwd, 3)})
+
+
+def run_vocab(vocab: int, args: argparse.Namespace, emit) -> None:
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, vocab, (args.batch, args.seq), generator=g) for _ in range(args.batches)]
+    n_tokens = args.batch * args.seq * args.batches
+    for size in SIZES:
+        capture_throughput(vocab, size, batches, args, emit)
+    model = build(vocab)
+    with torch.no_grad():
+        std = statistics.mean(float(model(input_ids=b).logits.float().std(-1).mean()) for b in batches[:1])
+    scale = {"flat": 1.0, "peaked": args.peak_std / std}
 
     for kind in ("flat", "peaked"):
-        with torch.no_grad():
-            all_logits = [model(input_ids=b).logits * scale[kind] for b in batches]
         for k in (32, 64, 128):
             examples: list[TopKExample] = []
-            for j, (b, logits) in enumerate(zip(batches, all_logits)):
-                examples += to_examples(b, *hf_capture(logits, k), j * args.batch)
+            for j, b in enumerate(batches):  # the peaked teacher = the model at temperature 1/scale
+                examples += to_examples(b, capture_batch(model, b, k, 1 / scale[kind]), j * args.batch)
             raw_total, raw_kls = 0, []
             for ex in examples:
                 nb, kl = raw_bytes_and_kl(ex, vocab)
@@ -164,7 +154,6 @@ def run_vocab(vocab: int, args: argparse.Namespace, emit) -> None:
                   "max_kl_setting": args.max_kl,
                   "encode_tokens_per_s": round(n_tokens / t_enc),
                   "decode_tokens_per_s": round(n_tokens / t_dec)})
-        del all_logits
 
 
 def main() -> None:
@@ -192,7 +181,7 @@ def main() -> None:
     emit({"what": "setup", "date": datetime.date.today().isoformat(), "cpus": os.cpu_count(),
           "threads": args.threads, "load_avg_1m": os.getloadavg()[0], "batch": args.batch,
           "seq": args.seq, "batches": args.batches, "repeats": args.repeats,
-          "peak_std": args.peak_std, "model": "Llama hidden 256, 2 layers, random init"})
+          "peak_std": args.peak_std, "model": "Llama random init; codec lines: tiny (2 layers x 256)"})
     for vocab in (32000,) if args.quick else (32000, 128256):
         run_vocab(vocab, args, emit)
 

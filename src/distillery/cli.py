@@ -10,7 +10,14 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from distillery.config import ConfigError, RunConfig, TrainJobConfig, dump_config, load_config
+from distillery.config import (
+    CaptureConfig,
+    ConfigError,
+    RunConfig,
+    TrainJobConfig,
+    dump_config,
+    load_config,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 config_app = typer.Typer(no_args_is_help=True, help="Inspect configs.")
@@ -103,6 +110,22 @@ def generate(args: list[str] = typer.Argument(..., help="CONFIG [key.sub=value .
         _fail(exc)
     print_summary(summary)
     console.print(f"wrote {cfg.output_dir}/records.jsonl, rejects.jsonl, summary.json")
+
+
+@app.command()
+def capture(args: list[str] = typer.Argument(..., help="CONFIG [key.sub=value ...]")) -> None:
+    """Capture the teacher's top-k log-probs over a dataset into a logit cache (resumable).
+
+    Train from it with `teacher_cache: DIR` in a train config (objective logit_kd).
+    """
+    _quiet_libraries()
+    from distillery.logits.capture import run_capture
+
+    cfg = _load_required(args, CaptureConfig, "distillery capture needs a config file (see docs/logit_cache.md)")
+    try:
+        run_capture(cfg)
+    except ValueError as exc:  # cache/tokenizer mismatches and bad data name what to fix
+        _fail(exc)
 
 
 @app.command()

@@ -172,14 +172,21 @@ class TrainJobConfig(StrictModel):
     output_dir: str
     model: ModelConfig = Field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
-    teacher: ModelConfig | None = None  # needed by logit_kd
+    teacher: ModelConfig | None = None  # needed by logit_kd (live) and feature_kd
+    teacher_cache: str | None = None  # a logit cache (distillery capture) instead of a live teacher
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     @model_validator(mode="after")
     def _check(self) -> TrainJobConfig:
-        if self.train.objective in ("logit_kd", "feature_kd") and self.teacher is None:
-            raise ValueError(f"train.objective is '{self.train.objective}' but no teacher is configured")
+        if self.teacher_cache is not None:
+            if self.train.objective != "logit_kd":
+                raise ValueError("teacher_cache feeds train.objective logit_kd; set it, or drop teacher_cache")
+            if self.teacher is not None:
+                raise ValueError("set teacher (a live model) or teacher_cache (captured logits), not both")
+        elif self.train.objective in ("logit_kd", "feature_kd") and self.teacher is None:
+            raise ValueError(f"train.objective is '{self.train.objective}' but no teacher is configured "
+                             "(teacher: a model, or teacher_cache: a logit cache for logit_kd)")
         if self.model.path is None and self.tokenizer.path is None and self.data.task is None:
             raise ValueError("a new tokenizer is trained on task text: set data.task or tokenizer.path")
         return self
@@ -230,6 +237,32 @@ class TeacherConfig(StrictModel):
         if self.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
             raise ValueError("teacher.api_key_env names an environment variable (e.g. OPENAI_API_KEY), "
                              "not the key itself: keys are never read from config files")
+        return self
+
+
+class CaptureConfig(StrictModel):
+    """``distillery capture CONFIG``: the teacher's top-k distributions over a dataset, to disk.
+
+    The records are tokenized with ``tokenizer`` (the student's; default: the teacher model's
+    own) exactly as training will, and the teacher scores every position the student learns
+    from (assistant tokens). ``teacher.backend`` is ``hf`` (a local forward pass) or
+    ``openai`` (a server returning prompt log-probs: ``distillery serve``, vLLM).
+    """
+
+    output_dir: str
+    data: DataConfig
+    teacher: TeacherConfig
+    tokenizer: str | None = None  # path or hub id of the student's tokenizer
+    k: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    max_seq_len: int = Field(256, ge=2)  # as train.max_seq_len: the cache must match training
+    shard_size: int = Field(1024, ge=1)  # examples per shard (the unit of resume)
+
+    @model_validator(mode="after")
+    def _check(self) -> CaptureConfig:
+        if self.teacher.backend == "vllm":
+            raise ValueError("capture supports teacher.backend hf or openai (serve the model with "
+                             "vLLM and use backend: openai)")
         return self
 
 

@@ -13,6 +13,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from distillery.config import ModelConfig
 from distillery.losses import TeacherTopK
+from distillery.losses.forms import LOG_TAIL_FLOOR
 from distillery.models import load_model, load_tokenizer
 from distillery.teachers.base import (
     Generation,
@@ -118,7 +119,6 @@ class HFTeacher:
                 for r, gens in zip(chunk, outs):
                     yield GenerationResult(r, gens)
 
-    @torch.no_grad()
     def logprobs(self, token_ids: list[list[int]], k: int, temperature: float = 1.0,
                  batch_size: int | None = None) -> list[TeacherTopK]:
         """The teacher's top-k next-token log-probabilities at every position of each sequence.
@@ -126,29 +126,12 @@ class HFTeacher:
         For a sequence of ``T`` ids the result has ``ids``/``logprobs`` ``[T, k]`` and ``log_tail``
         ``[T]``: row ``t`` is the distribution of the token after ``token_ids[:t + 1]`` (so row
         ``t`` scores ``token_ids[t + 1]``), at ``temperature``, in float32 on the CPU.
-        ``log_tail`` is the log of the probability mass outside the top k, computed exactly.
-        This is the feature interface the logit cache captures through.
+        ``log_tail`` is the log of the probability mass outside the top k. This is the feature
+        interface the logit cache captures through.
         """
-        device = next(self.model.parameters()).device
-        pad = self.tokenizer.pad_token_id or 0
-        out: list[TeacherTopK] = []
-        batch_size = batch_size or self.batch_size
-        for start in range(0, len(token_ids), batch_size):
-            chunk = token_ids[start : start + batch_size]
-            width = max(len(s) for s in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, seq in enumerate(chunk):  # right padding: positions stay 0..T-1
-                ids[i, : len(seq)] = torch.tensor(seq)
-                mask[i, : len(seq)] = 1
-            logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-            top_lp, top_ids = logp.topk(k, dim=-1)
-            log_tail = logp.scatter(-1, top_ids, float("-inf")).logsumexp(-1)
-            for i, seq in enumerate(chunk):
-                n = len(seq)
-                out.append(TeacherTopK(top_ids[i, :n].cpu(), top_lp[i, :n].cpu(), log_tail[i, :n].cpu()))
-        return out
+        return topk_logprobs(self.model, token_ids, k, temperature=temperature,
+                             pad_id=self.tokenizer.pad_token_id or 0,
+                             batch_size=batch_size or self.batch_size)
 
     def _decode(self, row: torch.Tensor, params: SamplingParams, prompt_tokens: int = 0) -> Generation:
         """Text up to the first end token (or stop string); tokens counted include the end."""
@@ -168,3 +151,36 @@ class HFTeacher:
         if cut >= 0:
             text, reason = text[:cut], "stop"
         return Generation(text=text, num_tokens=len(ids), finish_reason=reason, prompt_tokens=prompt_tokens)
+
+
+@torch.no_grad()
+def topk_logprobs(model: PreTrainedModel, token_ids: list[list[int]], k: int, temperature: float = 1.0,
+                  pad_id: int = 0, batch_size: int = 16) -> list[TeacherTopK]:
+    """Top-k log-probs and log tail mass per position (see :meth:`HFTeacher.logprobs`).
+
+    Two passes over the vocabulary per position, on the raw logits: ``logsumexp`` (the
+    normalizer) and ``topk``; no ``[tokens, vocab]`` log-softmax is materialized. The tail mass
+    is ``1 − Σ top-k`` in float64, floored at ``LOG_TAIL_FLOOR`` where it underflows.
+    """
+    device = next(model.parameters()).device
+    out: list[TeacherTopK] = []
+    for start in range(0, len(token_ids), batch_size):
+        chunk = token_ids[start : start + batch_size]
+        width = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, seq in enumerate(chunk):  # right padding: positions stay 0..T-1
+            ids[i, : len(seq)] = torch.tensor(seq)
+            mask[i, : len(seq)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        if temperature != 1.0:
+            logits = logits / temperature
+        log_z = logits.logsumexp(-1, keepdim=True)
+        top, top_ids = logits.topk(k, dim=-1)
+        top_lp = top - log_z
+        in_top = top_lp.double().logsumexp(-1)
+        log_tail = torch.log(-torch.expm1(in_top.clamp(max=-1e-300))).clamp(min=LOG_TAIL_FLOOR).float()
+        for i, seq in enumerate(chunk):
+            n = len(seq)
+            out.append(TeacherTopK(top_ids[i, :n].cpu(), top_lp[i, :n].cpu(), log_tail[i, :n].cpu()))
+    return out

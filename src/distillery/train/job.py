@@ -8,9 +8,11 @@ from pathlib import Path
 from rich.console import Console
 
 from distillery.config import DataConfig, TrainJobConfig
+from distillery.logits.cache import LogitCache
 from distillery.models import build_model, load_model, load_tokenizer, save_model, train_tokenizer
 from distillery.records import ground_truth_records, read_jsonl, validate_sft_records
 from distillery.tasks import load_problems
+from distillery.train.cached import CachedCollator, CachedSFTDataset
 from distillery.train.data import Collator, SFTDataset
 from distillery.train.loop import TrainResult, train_loop
 from distillery.train.objectives import build_objective
@@ -42,14 +44,20 @@ def run_train_job(cfg: TrainJobConfig, show_progress: bool = True) -> TrainResul
     model = load_model(cfg.model) if cfg.model.path else build_model(cfg.model, tokenizer)
     teacher = load_model(cfg.teacher) if cfg.teacher is not None else None
 
-    dataset = SFTDataset(records, tokenizer, cfg.train.max_seq_len)
-    objective = build_objective(cfg.train, student=model, teacher=teacher)
+    if cfg.teacher_cache is not None:
+        cache = LogitCache(cfg.teacher_cache)
+        dataset = CachedSFTDataset(records, tokenizer, cfg.train.max_seq_len, cache)
+        collator = CachedCollator(tokenizer.pad_token_id, k=cache.manifest.k)
+    else:
+        dataset = SFTDataset(records, tokenizer, cfg.train.max_seq_len)
+        collator = Collator(tokenizer.pad_token_id)
+    objective = build_objective(cfg.train, student=model, teacher=teacher, cached=cfg.teacher_cache is not None)
     out = Path(cfg.output_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     console.print(f"training {cfg.train.objective} on {len(dataset)} records for {cfg.train.steps} steps")
-    result = train_loop(model, objective, dataset, Collator(tokenizer.pad_token_id), cfg.train,
+    result = train_loop(model, objective, dataset, collator, cfg.train,
                         teacher=teacher, log_path=tmp / "train_log.jsonl", show_progress=show_progress)
     meta = {"config": cfg.model_dump(mode="json"), "steps": result.steps, "seconds": result.seconds,
             "final_loss": result.final_loss, "task": cfg.data.task.model_dump(mode="json") if cfg.data.task else None}

@@ -78,25 +78,43 @@ class LogitKDObjective:
     ``form: fused`` never builds the student's ``[tokens, vocab]`` logits: it takes hidden
     states and the lm_head weight (tied or not) of both models and computes the loss in chunks.
     The teacher runs in eval mode under ``no_grad``; both must share a tokenizer.
+
+    With ``cached=True`` there is no live teacher: the batch carries the teacher's top-k from a
+    logit cache (``teacher_ids``/``teacher_logprobs`` ``[batch, seq-1, k]``, ``teacher_log_tail``
+    ``[batch, seq-1]``, see :mod:`distillery.train.cached`) and the loss takes its sparse form
+    (a ``dense`` spec is read as ``sparse``: full teacher logits are not in a cache).
     """
 
-    needs_teacher = True
-
-    def __init__(self, spec: LossSpec | None = None, kd_ratio: float = 0.5, temperature: float = 1.0) -> None:
+    def __init__(self, spec: LossSpec | None = None, kd_ratio: float = 0.5, temperature: float = 1.0,
+                 cached: bool = False) -> None:
         self.spec = spec or LossSpec(divergence="forward_kl", kd_ratio=kd_ratio, temperature=temperature)
-        if self.spec.form == "sparse":
+        if cached and self.spec.form == "dense":
+            self.spec = self.spec.model_copy(update={"form": "sparse"})
+        if cached and self.spec.form != "sparse":
+            raise ValueError("training from a logit cache uses loss.form 'sparse' (the cache holds "
+                             f"top-k distributions), not {self.spec.form!r}")
+        if self.spec.form == "sparse" and not cached:
             raise ValueError(
-                "loss.form 'sparse' reads teacher top-k from a logit cache; with a live teacher "
-                "use form 'dense' or 'fused'"
+                "loss.form 'sparse' reads teacher top-k from a logit cache (teacher_cache: DIR); "
+                "with a live teacher use form 'dense' or 'fused'"
             )
+        self.cached = cached
+        self.needs_teacher = not cached
         self.trainable: list[nn.Module] = []
 
     def loss(
         self, batch: dict[str, torch.Tensor], student: nn.Module, teacher: nn.Module | None
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        if teacher is None:
-            raise ValueError("logit_kd needs a teacher model")
         targets, mask = shifted_targets(batch)
+        if self.cached:
+            s_logits = student(**_inputs(batch)).logits[:, :-1]
+            return distillation_loss(
+                self.spec, student_logits=s_logits, teacher_topk_ids=batch["teacher_ids"],
+                teacher_topk_logprobs=batch["teacher_logprobs"],
+                teacher_log_tail=batch["teacher_log_tail"], labels=targets, mask=mask,
+            )
+        if teacher is None:
+            raise ValueError("logit_kd needs a teacher model (or a logit cache: teacher_cache)")
         if self.spec.form == "fused":
             with torch.no_grad():
                 t_hidden, t_weight, t_bias = lm_head_inputs(teacher, **_inputs(batch))
@@ -167,6 +185,7 @@ def build_objective(
     cfg: TrainConfig | str,
     student: nn.Module | None = None,
     teacher: nn.Module | None = None,
+    cached: bool = False,
     **shorthand: float,
 ) -> Objective:
     """The objective a config names (``cfg.objective``), built from its ``loss``/``feature`` blocks.
@@ -178,7 +197,9 @@ def build_objective(
     if cfg.objective == "sft":
         return SFTObjective()
     if cfg.objective == "logit_kd":
-        return LogitKDObjective(cfg.resolved_loss())
+        return LogitKDObjective(cfg.resolved_loss(), cached=cached)
+    if cached:
+        raise ValueError(f"a logit cache (teacher_cache) feeds objective logit_kd, not {cfg.objective!r}")
     if cfg.objective == "feature_kd":
         if student is None or teacher is None:
             raise ValueError("feature_kd needs the student and teacher to size its projections")
