@@ -152,6 +152,16 @@ def test_non_retryable_400_fails_at_once_with_server_message():
     assert len(srv.arrivals) == 1 and t.stats.retries == 0 and t.stats.failures == 1
 
 
+def test_proxy_from_the_environment(server, monkeypatch):
+    for k in ("NO_PROXY", "no_proxy", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{server.port}")  # the fault server as the proxy
+    t = teacher("http://teacher.invalid:8000/v1")
+    (r,) = list(t.stream(reqs(1)))
+    assert r.ok and r.generations[0].text == expected_text("q0")
+    assert server.arrivals[0].path == "http://teacher.invalid:8000/v1/chat/completions"  # proxy form
+
+
 # -- concurrency, endpoints, rate limits -----------------------------------------------------
 def test_max_concurrency_is_never_exceeded():
     with FaultServer(delay_s=0.05) as srv:
