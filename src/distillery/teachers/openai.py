@@ -60,9 +60,12 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import aiohttp
+import torch
 import yarl
 from aiohttp.helpers import get_env_proxy_for_url
 
+from distillery.losses import TeacherTopK
+from distillery.losses.forms import LOG_TAIL_FLOOR
 from distillery.teachers.base import (
     Generation,
     GenerationRequest,
@@ -73,6 +76,8 @@ from distillery.teachers.base import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from distillery.config import TeacherConfig
 
 log = logging.getLogger(__name__)
@@ -244,7 +249,9 @@ class _Session:
         self.rr = 0
         path = "/chat/completions" if teacher.mode == "chat" else "/completions"
         self.urls = {ep.url: ep.url + path for ep in self.endpoints}
-        self.http = _Http(headers, limit, self.urls.values())
+        # prompt log-probs (logit capture) always go to /completions
+        self.prompt_urls = {ep.url: ep.url + "/completions" for ep in self.endpoints}
+        self.http = _Http(headers, limit, {*self.urls.values(), *self.prompt_urls.values()})
         self.timeout = aiohttp.ClientTimeout(total=teacher.timeout_s)
 
     async def aclose(self) -> None:
@@ -309,9 +316,19 @@ class _Session:
             return GenerationResult(req, error=self.scrub(f"{type(exc).__name__}: {exc}"))
 
     async def _run(self, req: GenerationRequest) -> GenerationResult:
+        content, tokens = self.body(req)
+        gens, error = await self.call(req.id, content, tokens, self.urls,
+                                      lambda data: self.parse(data, req.params))
+        return GenerationResult(req, gens or [], error=error)
+
+    async def call(self, name: str, content: bytes, tokens: int, urls: dict[str, str],
+                   parse: Callable[[Any], Any]) -> tuple[Any, str | None]:
+        """POST ``content`` with the slots, pacing, endpoint choice and retries; parse the reply.
+
+        Returns ``(parsed, None)`` or ``(None, error)``; ``urls`` maps a base URL to the full URL.
+        """
         t = self.t
         stats = t.stats
-        content, tokens = self.body(req)
         attempt = 0
         malformed = 0
         avoid: _Endpoint | None = None
@@ -324,17 +341,17 @@ class _Session:
                     ep.in_flight += 1
                     stats.in_flight += 1
                     try:
-                        gens = await self._attempt(ep, content, req.params)
+                        parsed = await self._attempt(ep, content, urls, parse)
                     finally:
                         ep.in_flight -= 1
                         stats.in_flight -= 1
                 ep.succeeded()
                 stats.requests += 1
-                return GenerationResult(req, gens)
+                return parsed, None
             except _Fail as exc:
                 stats.requests += 1
                 stats.failures += 1
-                return GenerationResult(req, error=self.scrub(str(exc)))
+                return None, self.scrub(str(exc))
             except _Retry as exc:
                 if exc.url_failed:
                     ep.failed()
@@ -344,8 +361,7 @@ class _Session:
                     stats.requests += 1
                     stats.failures += 1
                     tries = attempt + 1
-                    msg = f"{exc} (gave up after {tries} attempt{'s' * (tries > 1)})"
-                    return GenerationResult(req, error=self.scrub(msg))
+                    return None, self.scrub(f"{exc} (gave up after {tries} attempt{'s' * (tries > 1)})")
                 attempt += 1
                 stats.retries += 1
                 avoid = ep
@@ -356,13 +372,14 @@ class _Session:
                     wait = 0.0
                 else:
                     wait = random.uniform(0, min(t.backoff_max_s, t.backoff_base_s * 2 ** (attempt - 1)))
-                log.info("request %s: %s; retry %d/%d in %.2fs", req.id, self.scrub(str(exc)),
+                log.info("request %s: %s; retry %d/%d in %.2fs", name, self.scrub(str(exc)),
                          attempt, t.max_retries, wait)
                 if wait > 0:
                     await asyncio.sleep(wait)
 
-    async def _attempt(self, ep: _Endpoint, content: bytes, params: SamplingParams) -> list[Generation]:
-        url = self.urls[ep.url]
+    async def _attempt(self, ep: _Endpoint, content: bytes, urls: dict[str, str],
+                       parse: Callable[[Any], Any]) -> Any:
+        url = urls[ep.url]
         try:
             resp = await self.http.post(url, content, self.timeout)
         except _CONNECT_TIMEOUT:
@@ -387,7 +404,7 @@ class _Session:
             snippet = resp.content[:200].decode("utf-8", "replace")
             raise _Retry(f"{ep.url}: response is not valid JSON: {snippet!r}", url_failed=False,
                          malformed=True) from None
-        return self.parse(data, params)
+        return parse(data)
 
     def parse(self, data: Any, params: SamplingParams) -> list[Generation]:
         if not isinstance(data, dict):
@@ -434,6 +451,41 @@ class _Session:
         stats.tokens += sum(counts)
         stats.prompt_tokens += prompt_tokens
         return [Generation(x, k, fr, prompt_tokens) for x, k, fr in zip(texts, counts, reasons)]
+
+
+def _prompt_logprobs_body(model: str, token_ids: list[int], k: int) -> bytes:
+    return json.dumps({"model": model, "prompt": list(token_ids), "max_tokens": 1, "temperature": 0,
+                       "echo": True, "logprobs": k, "return_tokens_as_token_ids": True}).encode()
+
+
+def _parse_prompt_logprobs(data: Any, n_tokens: int, k: int) -> TeacherTopK:
+    """``choices[0].logprobs.top_logprobs`` (entry ``t`` scores token ``t``) as rows ``[T, k]``."""
+    try:
+        entries = data["choices"][0]["logprobs"]["top_logprobs"]
+    except (KeyError, IndexError, TypeError):
+        raise _Fail("the server returned no prompt log-probs: it needs /v1/completions with echo "
+                    "and logprobs (distillery serve, vLLM)") from None
+    if not isinstance(entries, list) or len(entries) < n_tokens:
+        raise _Fail(f"the server returned {len(entries) if isinstance(entries, list) else 0} "
+                    f"log-prob entries for a {n_tokens}-token prompt")
+    ids = torch.zeros((n_tokens, k), dtype=torch.long)
+    # the last row comes from the generated token's entry; a server that leaves out an end
+    # token's log-probs leaves it NaN (capture stores rows 0..T-2 only)
+    lps = torch.full((n_tokens, k), float("nan"))
+    for row, entry in enumerate(entries[1 : n_tokens + 1]):
+        if not isinstance(entry, dict) or len(entry) < k:
+            raise _Fail(f"position {row}: {len(entry) if isinstance(entry, dict) else 0} top log-probs, "
+                        f"asked for {k} (vLLM: raise --max-logprobs)")
+        pairs = sorted(((lp, key) for key, lp in entry.items()), reverse=True)[:k]
+        for j, (lp, key) in enumerate(pairs):
+            if not str(key).startswith("token_id:"):
+                raise _Fail("the server returned token strings, not ids: it needs "
+                            "return_tokens_as_token_ids (vLLM, distillery serve)")
+            ids[row, j] = int(str(key)[len("token_id:"):])
+            lps[row, j] = float(lp)
+    in_top = lps.double().logsumexp(-1).clamp(max=-1e-300)
+    log_tail = torch.log(-torch.expm1(in_top)).clamp(min=LOG_TAIL_FLOOR).float()
+    return TeacherTopK(ids, lps, log_tail)
 
 
 def _error_message(resp: _Reply) -> str:
@@ -528,6 +580,38 @@ class OpenAITeacher:
         return key
 
     # -- calls -----------------------------------------------------------------------------
+    def logprobs(self, token_ids: list[list[int]], k: int, temperature: float = 1.0,
+                 batch_size: int | None = None) -> list[TeacherTopK]:
+        """The server's top-k next-token log-probs at every position (see ``HFTeacher.logprobs``).
+
+        One ``/completions`` request per sequence: the token ids as the prompt, ``echo: true``,
+        ``logprobs: k``, ``max_tokens: 1`` and ``return_tokens_as_token_ids`` (vLLM and
+        ``distillery serve`` answer it; the one generated token gives the last row, NaN when the
+        server does not list it). The tail is ``1 − Σ top-k``. Requests run concurrently (``max_concurrency``) with the usual retries;
+        a sequence the server cannot score raises ``RuntimeError`` naming it.
+        """
+        if temperature != 1.0:
+            raise ValueError("servers return log-probs at temperature 1; capture at temperature 1 "
+                             "(the loss applies its own temperature)")
+
+        async def run_all() -> list[tuple[Any, str | None]]:
+            session = _Session(self)
+            try:
+                return await asyncio.gather(*(
+                    session.call(f"logprobs[{i}]", _prompt_logprobs_body(self.model, ids, k),
+                                 len(ids) + 1, session.prompt_urls,
+                                 lambda data, n=len(ids): _parse_prompt_logprobs(data, n, k))
+                    for i, ids in enumerate(token_ids)))
+            finally:
+                await session.aclose()
+
+        out = []
+        for i, (top, error) in enumerate(asyncio.run(run_all())):
+            if error is not None:
+                raise RuntimeError(f"teacher {self.name}: log-probs of sequence {i} failed: {error}")
+            out.append(top)
+        return out
+
     def generate(self, conversations: list[list[dict]], params: SamplingParams) -> list[list[Generation]]:
         """``params.n`` continuations per conversation, in order; a failed request raises."""
         return generate_via_stream(self, conversations, params)
