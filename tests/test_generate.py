@@ -212,3 +212,10 @@ def test_every_method_runs_end_to_end_through_the_cli(tmp_path, method):
     assert again.returncode == 0, again.stderr
     tokens = json.loads((tmp_path / "out" / "summary.json").read_text())["tokens"]
     assert tokens["teacher"]["completion"] == 0 and tokens.get("student", {}).get("completion", 0) == 0
+
+
+def test_method_feature_points_to_the_capture_stage(tmp_path, tiny_model_dir):
+    cfg = _config(tmp_path, tiny_model_dir, 2, method="feature")
+    res = _run("generate", str(cfg))
+    assert res.returncode == 2 and "distillery capture" in res.stderr
+    assert not (tmp_path / "out" / "work").exists()  # refused before any work

@@ -52,9 +52,9 @@ def _method_runner(cfg: GenerateJobConfig):  # noqa: ANN202
     if cfg.method in RUNNERS:
         return RUNNERS[cfg.method], getattr(cfg, cfg.method)
     raise ConfigError(
-        "method 'feature' hands teacher features (top-k log-probabilities) to the logit cache: "
-        "generate the records with method: labeling, then capture them with the logit-cache "
-        "stage; a teacher's `logprobs(token_ids, k)` is the interface it uses")
+        "method 'feature' is the teacher's top-k log-probabilities, which `distillery capture` "
+        "stores (docs/logit_cache.md): generate the records with method: labeling, then run "
+        "distillery capture on output_dir/records.jsonl")
 
 
 def _label_all(ctx: ElicitContext):  # noqa: ANN202
