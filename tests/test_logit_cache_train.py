@@ -176,3 +176,9 @@ def test_sigkill_during_capture_then_resume_loses_and_repeats_nothing(tmp_path, 
     cache = LogitCache(tmp_path / "cache")
     ids = cache.ids()
     assert manifest.count == 24 and len(ids) == 24 == len(set(ids))
+
+
+def test_k_larger_than_the_vocabulary_is_refused_before_any_work(tmp_path, records_path, tiny_model_dir):
+    with pytest.raises(ValueError, match="exceeds the vocabulary"):
+        run_capture(_capture_cfg(tmp_path / "c", records_path, tiny_model_dir, k=100000), show_progress=False)
+    assert not (tmp_path / "c").exists()

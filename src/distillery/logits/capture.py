@@ -52,6 +52,10 @@ def run_capture(cfg: CaptureConfig, show_progress: bool = True) -> Manifest:
     records = load_training_records(cfg.data)
     tok_source = cfg.tokenizer or cfg.teacher.model
     tokenizer = load_tokenizer(tok_source, trust_remote_code=cfg.teacher.trust_remote_code)
+    if cfg.k > len(tokenizer):
+        raise ValueError(f"capture k={cfg.k} exceeds the vocabulary ({len(tokenizer)} tokens of "
+                         f"{tok_source}): use k <= {len(tokenizer)} (k = the vocabulary size stores "
+                         "the whole distribution)")
     teacher = build_teacher(cfg.teacher)
     if not hasattr(teacher, "logprobs"):
         raise ValueError(f"teacher backend {cfg.teacher.backend!r} cannot return log-probs")

@@ -173,6 +173,8 @@ def topk_logprobs(model: PreTrainedModel, token_ids: list[list[int]], k: int, te
             ids[i, : len(seq)] = torch.tensor(seq)
             mask[i, : len(seq)] = 1
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        if k > logits.shape[-1]:
+            raise ValueError(f"k={k} exceeds the model's vocabulary ({logits.shape[-1]})")
         if temperature != 1.0:
             logits = logits / temperature
         log_z = logits.logsumexp(-1, keepdim=True)
