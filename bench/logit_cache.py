@@ -13,8 +13,9 @@ Per vocab and teacher size one ``capture`` line: tokens/s of the plain forward a
 capture on the same batches (``distillery.teachers.hf.topk_logprobs``, the function
 ``HFTeacher.logprobs`` and ``distillery capture`` run: forward + logsumexp + topk + tail, then the
 shard encoder), k = 64. Two teacher sizes: ``tiny`` (2 layers × 256, where the lm_head is most of
-the forward: the worst case for the overhead) and ``small`` (6 layers × 768, closer to a real
-teacher's ratio of transformer to lm_head work). Timings are medians of ``--repeats`` runs.
+the forward: the worst case for the overhead), ``small`` (6 layers × 768) and, with
+``--sizes medium``, 12 layers × 1024: the larger the transformer relative to the lm_head, the
+closer the capture gets to the forward alone, as with real teachers. Timings are medians of ``--repeats`` runs.
 
 Usage: ``python bench/logit_cache.py [--quick] [--out bench/results_logit_cache_DATE.jsonl]``.
 """
@@ -39,7 +40,7 @@ from distillery.logits.format import _kl_rows, encode_positions
 from distillery.losses import TeacherTopK
 from distillery.teachers.hf import topk_logprobs
 
-SIZES = {"tiny": (256, 2), "small": (768, 6)}
+SIZES = {"tiny": (256, 2), "small": (768, 6), "medium": (1024, 12)}
 
 
 def build(vocab: int, size: str = "tiny", seed: int = 0) -> LlamaForCausalLM:
@@ -109,8 +110,10 @@ def run_vocab(vocab: int, args: argparse.Namespace, emit) -> None:
     g = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, vocab, (args.batch, args.seq), generator=g) for _ in range(args.batches)]
     n_tokens = args.batch * args.seq * args.batches
-    for size in SIZES:
+    for size in args.sizes.split(","):
         capture_throughput(vocab, size, batches, args, emit)
+    if args.capture_only:
+        return
     model = build(vocab)
     with torch.no_grad():
         std = statistics.mean(float(model(input_ids=b).logits.float().std(-1).mean()) for b in batches[:1])
@@ -167,6 +170,8 @@ def main() -> None:
     ap.add_argument("--max-kl", type=float, default=5e-4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--sizes", default="tiny,small", help="teacher sizes for the capture lines: " + ",".join(SIZES))
+    ap.add_argument("--capture-only", action="store_true", help="only the capture lines")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = open(args.out, "a") if args.out else None
