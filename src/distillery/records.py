@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,19 +60,23 @@ def ground_truth_records(problems: Iterable, target: str) -> list[dict]:
     ]
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Every JSON object of a JSONL file; a bad line is an error naming the file and line."""
+def iter_jsonl(path: str | Path, error: type[ValueError] = RecordError) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` for every non-blank line; a bad line raises ``error`` naming
+    the file and line."""
     path = Path(path)
-    out = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                out.append(json.loads(line))
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as exc:
-                raise RecordError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-    return out
+                raise error(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Every JSON object of a JSONL file; a bad line is an error naming the file and line."""
+    return [value for _, value in iter_jsonl(path)]
 
 
 def validate_sft_records(records: list[dict], source: str) -> None:

@@ -29,7 +29,6 @@ from distillery.elicit.engine import ResponseCache
 from distillery.elicit.expansion import run_expansion
 from distillery.elicit.feedback import run_feedback
 from distillery.elicit.filters import FilterReport, run_filters
-from distillery.elicit.labeling import run_labeling
 from distillery.elicit.seeds import load_seeds
 from distillery.elicit.self_knowledge import run_self_knowledge
 from distillery.records import read_jsonl, write_json_atomic, write_jsonl_atomic
@@ -48,7 +47,7 @@ ASSEMBLY_KEYS = {"feedback": {"min_margin", "pairs", "chosen_from_correction"},
 def _method_runner(cfg: GenerateJobConfig):  # noqa: ANN202
     """The method's run function and its config section."""
     if cfg.method == "labeling":
-        return lambda ctx: MethodResult(*_label_all(ctx)), None
+        return _label_all, None
     if cfg.method in RUNNERS:
         return RUNNERS[cfg.method], getattr(cfg, cfg.method)
     raise ConfigError(
@@ -57,10 +56,9 @@ def _method_runner(cfg: GenerateJobConfig):  # noqa: ANN202
         "distillery capture on output_dir/records.jsonl")
 
 
-def _label_all(ctx: ElicitContext):  # noqa: ANN202
-    path, summary = run_labeling(ctx.seeds, ctx.teacher, ctx.labeling, ctx.params, ctx.work_dir,
-                                 phase="labeled", cache=ctx.cache, show_progress=ctx.show_progress)
-    return path, None, [summary]
+def _label_all(ctx: ElicitContext) -> MethodResult:
+    path, summary = ctx.label(ctx.seeds, phase="labeled", method="labeling")
+    return MethodResult(records=path, phases=[summary])
 
 
 def _fingerprint(cfg: GenerateJobConfig) -> str:

@@ -8,12 +8,12 @@ records (the user turns are the prompt, a final assistant turn is ignored).
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from distillery.config import TaskConfig
+from distillery.records import iter_jsonl
 
 
 class SeedError(ValueError):
@@ -40,25 +40,18 @@ def read_seed_file(path: str | Path) -> list[Seed]:
     if not path.is_file():
         raise SeedError(f"seed file not found: {path}")
     seeds, ids = [], set()
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SeedError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            prompt = _prompt_of(rec)
-            if prompt is None:
-                raise SeedError(f'{path}:{lineno}: needs a string "prompt" or a "messages" list '
-                                "with a user turn")
-            sid = str(rec.get("id") or seed_id(prompt))
-            if sid in ids:
-                raise SeedError(f"{path}:{lineno}: duplicate id {sid!r}")
-            ids.add(sid)
-            ref = rec.get("reference")
-            extra = {k: v for k, v in rec.items() if k not in ("id", "prompt", "messages", "reference")}
-            seeds.append(Seed(sid, prompt, None if ref is None else str(ref), extra))
+    for lineno, rec in iter_jsonl(path, SeedError):
+        prompt = _prompt_of(rec)
+        if prompt is None:
+            raise SeedError(f'{path}:{lineno}: needs a string "prompt" or a "messages" list '
+                            "with a user turn")
+        sid = str(rec.get("id") or seed_id(prompt))
+        if sid in ids:
+            raise SeedError(f"{path}:{lineno}: duplicate id {sid!r}")
+        ids.add(sid)
+        ref = rec.get("reference")
+        extra = {k: v for k, v in rec.items() if k not in ("id", "prompt", "messages", "reference")}
+        seeds.append(Seed(sid, prompt, None if ref is None else str(ref), extra))
     if not seeds:
         raise SeedError(f"{path}: no seeds")
     return seeds

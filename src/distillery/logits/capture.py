@@ -64,7 +64,7 @@ def run_capture(cfg: CaptureConfig, show_progress: bool = True) -> Manifest:
                          shard_size=cfg.shard_size)
     done = writer.done_ids()
     todo = list(_examples(records, tokenizer, cfg.max_seq_len, done))
-    batch = max(1, cfg.teacher.batch_size)
+    batch = cfg.teacher.batch_size
     t0, tokens = time.perf_counter(), 0
     columns = (TextColumn("[bold]capture"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeRemainingColumn())

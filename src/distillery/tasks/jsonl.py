@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
+from distillery.records import iter_jsonl
 from distillery.tasks.arithmetic import Problem, split_of
 
 
@@ -19,24 +19,17 @@ def read_task_file(path: str | Path) -> list[Problem]:
     if not path.is_file():
         raise TaskFileError(f"task file not found: {path}")
     problems, ids = [], set()
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TaskFileError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                raise TaskFileError(f'{path}:{lineno}: each line needs a string "prompt"')
-            if "reference" not in rec:
-                raise TaskFileError(f'{path}:{lineno}: missing "reference" (the ground-truth answer)')
-            rid = str(rec.get("id") or hashlib.sha1(rec["prompt"].encode()).hexdigest()[:12])
-            if rid in ids:
-                raise TaskFileError(f"{path}:{lineno}: duplicate id {rid!r}")
-            ids.add(rid)
-            problems.append(Problem(id=rid, prompt=rec["prompt"], reference=str(rec["reference"]),
-                                    chain=rec.get("chain")))
+    for lineno, rec in iter_jsonl(path, TaskFileError):
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+            raise TaskFileError(f'{path}:{lineno}: each line needs a string "prompt"')
+        if "reference" not in rec:
+            raise TaskFileError(f'{path}:{lineno}: missing "reference" (the ground-truth answer)')
+        rid = str(rec.get("id") or hashlib.sha1(rec["prompt"].encode()).hexdigest()[:12])
+        if rid in ids:
+            raise TaskFileError(f"{path}:{lineno}: duplicate id {rid!r}")
+        ids.add(rid)
+        problems.append(Problem(id=rid, prompt=rec["prompt"], reference=str(rec["reference"]),
+                                chain=rec.get("chain")))
     if not problems:
         raise TaskFileError(f"{path}: no records")
     return problems

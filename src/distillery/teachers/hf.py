@@ -13,7 +13,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from distillery.config import ModelConfig
 from distillery.losses import TeacherTopK
-from distillery.losses.forms import LOG_TAIL_FLOOR
+from distillery.losses.forms import teacher_log_tail
 from distillery.models import load_model, load_tokenizer
 from distillery.teachers.base import (
     Generation,
@@ -180,8 +180,7 @@ def topk_logprobs(model: PreTrainedModel, token_ids: list[list[int]], k: int, te
         log_z = logits.logsumexp(-1, keepdim=True)
         top, top_ids = logits.topk(k, dim=-1)
         top_lp = top - log_z
-        in_top = top_lp.double().logsumexp(-1)
-        log_tail = torch.log(-torch.expm1(in_top.clamp(max=-1e-300))).clamp(min=LOG_TAIL_FLOOR).float()
+        log_tail = teacher_log_tail(top_lp.double()).float()
         for i, seq in enumerate(chunk):
             n = len(seq)
             out.append(TeacherTopK(top_ids[i, :n].cpu(), top_lp[i, :n].cpu(), log_tail[i, :n].cpu()))

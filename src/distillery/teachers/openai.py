@@ -65,7 +65,7 @@ import yarl
 from aiohttp.helpers import get_env_proxy_for_url
 
 from distillery.losses import TeacherTopK
-from distillery.losses.forms import LOG_TAIL_FLOOR
+from distillery.losses.forms import teacher_log_tail
 from distillery.teachers.base import (
     Generation,
     GenerationRequest,
@@ -483,9 +483,7 @@ def _parse_prompt_logprobs(data: Any, n_tokens: int, k: int) -> TeacherTopK:
                             "return_tokens_as_token_ids (vLLM, distillery serve)")
             ids[row, j] = int(str(key)[len("token_id:"):])
             lps[row, j] = float(lp)
-    in_top = lps.double().logsumexp(-1).clamp(max=-1e-300)
-    log_tail = torch.log(-torch.expm1(in_top)).clamp(min=LOG_TAIL_FLOOR).float()
-    return TeacherTopK(ids, lps, log_tail)
+    return TeacherTopK(ids, lps, teacher_log_tail(lps.double()).float())
 
 
 def _error_message(resp: _Reply) -> str:
