@@ -110,95 +110,6 @@ class DataConfig(StrictModel):
         return self
 
 
-class FeatureKDConfig(StrictModel):
-    """``feature_kd``: hidden states matched through learned projections, plus CE on labels."""
-
-    # student hidden-state index → teacher index (HF ``hidden_states``: 0 = embeddings, -1 = last)
-    layer_map: dict[int, int] = Field(default_factory=lambda: {-1: -1})
-    loss: Literal["mse", "cosine"] = "mse"
-    feature_weight: float = Field(1.0, ge=0)
-    relation_weight: float = Field(0.0, ge=0)  # token-to-token similarity structure
-    relation_loss: Literal["mse", "kl"] = "mse"
-    relation_temperature: float = Field(0.1, gt=0)
-    ce_weight: float = Field(1.0, ge=0)
-
-
-class TrainConfig(StrictModel):
-    """The training loop: objective, optimizer, schedule, batch. Shared by every objective."""
-
-    objective: Literal["sft", "logit_kd", "feature_kd"] = "sft"
-    steps: int = Field(1000, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(3e-3, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr × this
-    warmup_steps: int = Field(100, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float | None = 1.0
-    # logit_kd shorthand: (1-r)·CE + r·KL(teacher‖student) at this temperature; for any other
-    # divergence, form or mix give ``loss`` (a LossSpec, see docs/losses.md) instead
-    # (null = 0.5 and 1.0)
-    kd_ratio: float | None = Field(None, ge=0, le=1)
-    temperature: float | None = Field(None, gt=0)
-    loss: LossSpec | None = None
-    feature: FeatureKDConfig = Field(default_factory=FeatureKDConfig)
-    max_seq_len: int = Field(128, ge=8)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    seed: int = 0
-    log_every: int = Field(10, ge=1)
-
-    @model_validator(mode="after")
-    def _one_way_to_say_the_loss(self) -> TrainConfig:
-        if self.loss is not None and (self.kd_ratio is not None or self.temperature is not None):
-            raise ValueError(
-                "train.kd_ratio/train.temperature are a shorthand for train.loss; with train.loss "
-                "set, give them inside it (train.loss.kd_ratio, train.loss.temperature)"
-            )
-        return self
-
-    def resolved_loss(self) -> LossSpec:
-        """The LossSpec logit_kd uses: ``loss`` as given, else forward KL from the shorthand."""
-        if self.loss is not None:
-            return self.loss
-        return LossSpec(
-            divergence="forward_kl",
-            kd_ratio=0.5 if self.kd_ratio is None else self.kd_ratio,
-            temperature=1.0 if self.temperature is None else self.temperature,
-        )
-
-
-class TrainJobConfig(StrictModel):
-    """``distillery train CONFIG``: train one model and save it as a plain HF directory."""
-
-    output_dir: str
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
-    teacher: ModelConfig | None = None  # needed by logit_kd (live) and feature_kd
-    teacher_cache: str | None = None  # a logit cache (distillery capture) instead of a live teacher
-    data: DataConfig
-    train: TrainConfig = Field(default_factory=TrainConfig)
-
-    @model_validator(mode="after")
-    def _check(self) -> TrainJobConfig:
-        if self.teacher_cache is not None:
-            if self.train.objective != "logit_kd":
-                raise ValueError("teacher_cache feeds train.objective logit_kd; set it, or drop teacher_cache")
-            if self.teacher is not None:
-                raise ValueError("set teacher (a live model) or teacher_cache (captured logits), not both")
-        elif self.train.objective in ("logit_kd", "feature_kd") and self.teacher is None:
-            raise ValueError(f"train.objective is '{self.train.objective}' but no teacher is configured "
-                             "(teacher: a model, or teacher_cache: a logit cache for logit_kd)")
-        if self.model.path is None and self.tokenizer.path is None and self.data.task is None:
-            raise ValueError("a new tokenizer is trained on task text: set data.task or tokenizer.path")
-        return self
-
-
-class TeacherStageConfig(StrictModel):
-    """The pipeline's teacher: a ready HF directory, else trained by a ``distillery train`` recipe."""
-
-    path: str = "assets/demo_teacher"
-    recipe: str | None = "configs/demo_teacher.yaml"  # used when ``path`` is missing or stale
-
-
 class TeacherConfig(StrictModel):
     """Which teacher answers, and how it is called.
 
@@ -238,6 +149,232 @@ class TeacherConfig(StrictModel):
             raise ValueError("teacher.api_key_env names an environment variable (e.g. OPENAI_API_KEY), "
                              "not the key itself: keys are never read from config files")
         return self
+
+
+class FeatureKDConfig(StrictModel):
+    """``feature_kd``: hidden states matched through learned projections, plus CE on labels."""
+
+    # student hidden-state index → teacher index (HF ``hidden_states``: 0 = embeddings, -1 = last)
+    layer_map: dict[int, int] = Field(default_factory=lambda: {-1: -1})
+    loss: Literal["mse", "cosine"] = "mse"
+    feature_weight: float = Field(1.0, ge=0)
+    relation_weight: float = Field(0.0, ge=0)  # token-to-token similarity structure
+    relation_loss: Literal["mse", "kl"] = "mse"
+    relation_temperature: float = Field(0.1, gt=0)
+    ce_weight: float = Field(1.0, ge=0)
+
+
+class OnPolicyConfig(StrictModel):
+    """``on_policy``: GKD (arXiv 2306.13649) and MiniLLM-style reverse KL on student samples.
+
+    Each step, with probability ``lmbda`` the student samples the continuations of the batch's
+    prompts and the teacher scores them token by token; otherwise the continuation is the
+    record's own (teacher-written) text, or with ``seq_kd`` one the teacher generates now.
+    The divergence is ``train.loss`` (default: generalized JSD, β = 0.5, as GKD);
+    ``variant: minillm`` means λ = 1 and reverse KL(student‖teacher) unless ``loss`` says otherwise.
+    """
+
+    variant: Literal["gkd", "minillm"] = "gkd"
+    lmbda: float | None = Field(None, ge=0, le=1)  # null: 0.5 for gkd, 1.0 for minillm
+    seq_kd: bool = False
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, ge=0)  # 0 = greedy
+    top_p: float = Field(1.0, gt=0, le=1)
+
+    @property
+    def resolved_lmbda(self) -> float:
+        if self.lmbda is not None:
+            return self.lmbda
+        return 1.0 if self.variant == "minillm" else 0.5
+
+
+class PreferenceConfig(StrictModel):
+    """``preference``: ranking losses on ``prompt/chosen/rejected`` records (teacher feedback).
+
+    ``dpo`` (arXiv 2305.18290), ``ipo`` (arXiv 2310.12036) and ``simpo`` (arXiv 2405.14734,
+    reference-free, length-normalized, margin ``simpo_gamma``). The reference model of dpo/ipo
+    is the student as training starts (with LoRA: the base model, adapters off) or
+    ``reference_path``; ``reference: precompute`` scores every record with it once before
+    training and frees it, ``live`` keeps it in memory and scores each batch.
+    """
+
+    loss: Literal["dpo", "ipo", "simpo"] = "dpo"
+    beta: float | None = Field(None, gt=0)  # null: 0.1 for dpo/ipo, 2.0 for simpo
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # conservative DPO
+    simpo_gamma: float = Field(0.5, ge=0)
+    reference: Literal["precompute", "live"] = "precompute"
+    reference_path: str | None = None
+    sft_weight: float = Field(0.0, ge=0)  # + NLL of the chosen response (RPO)
+
+    @property
+    def resolved_beta(self) -> float:
+        if self.beta is not None:
+            return self.beta
+        return 2.0 if self.loss == "simpo" else 0.1
+
+
+class RewardConfig(StrictModel):
+    """``reward``: policy gradient with a group baseline (GRPO-style, arXiv 2402.03300).
+
+    For each prompt the student samples ``group_size`` completions; each gets a reward from
+    ``source``: ``verifier`` (the final answer against the record's ``reference``),
+    ``teacher_logprob`` (the teacher model's mean log-prob of the completion), ``judge`` (a
+    teacher backend grades it with ``judge_template``) or ``function`` (``module:callable``
+    called as ``fn(prompt, completion, record) -> float``). Advantages are rewards minus the
+    group mean (divided by the group std with ``scale_rewards``).
+    """
+
+    source: Literal["verifier", "teacher_logprob", "judge", "function"] = "verifier"
+    function: str | None = None
+    judge: TeacherConfig | None = None
+    judge_template: str | None = None  # Jinja2 text or @file; null: the shipped rubric
+    group_size: int = Field(4, ge=2)
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    scale_rewards: bool = True
+    kl_weight: float = Field(0.0, ge=0)  # β·KL(student‖reference), k3 estimator
+    reference_path: str | None = None  # the KL anchor; null: the student as training starts
+
+    @model_validator(mode="after")
+    def _check(self) -> RewardConfig:
+        if self.source == "function" and not self.function:
+            raise ValueError("train.reward.source is 'function': set train.reward.function to 'module:callable'")
+        if self.source == "judge" and self.judge is None:
+            raise ValueError("train.reward.source is 'judge': set train.reward.judge (a teacher backend)")
+        return self
+
+
+class LoraConfig(StrictModel):
+    """LoRA adapters through peft; ``quantize: 4bit`` is QLoRA (bitsandbytes, CUDA only)."""
+
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    quantize: Literal["none", "4bit"] = "none"
+    merge: bool = True  # save the student with adapters merged (a plain HF directory)
+
+
+class CheckpointConfig(StrictModel):
+    """Crash-safe checkpoints: model, optimizer, schedule, RNG and data position."""
+
+    every: int | None = Field(None, ge=1)  # steps between checkpoints; null: only at the end
+    keep_last: int = Field(2, ge=1)
+    dir: str | None = None  # null: <output_dir>.checkpoints
+
+
+class TrainConfig(StrictModel):
+    """The training loop: objective, optimizer, schedule, batch. Shared by every objective."""
+
+    objective: Literal["sft", "logit_kd", "feature_kd", "on_policy", "preference", "reward"] = "sft"
+    steps: int = Field(1000, ge=1)
+    # the global batch of one optimizer step: split over processes, then into grad_accum_steps
+    # micro-batches (each process takes batch_size / (processes × grad_accum_steps) examples)
+    batch_size: int = Field(64, ge=1)
+    grad_accum_steps: int = Field(1, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr × this
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = 1.0
+    # logit_kd shorthand: (1-r)·CE + r·KL(teacher‖student) at this temperature; for any other
+    # divergence, form or mix give ``loss`` (a LossSpec, see docs/losses.md) instead
+    # (null = 0.5 and 1.0)
+    kd_ratio: float | None = Field(None, ge=0, le=1)
+    temperature: float | None = Field(None, gt=0)
+    loss: LossSpec | None = None
+    feature: FeatureKDConfig = Field(default_factory=FeatureKDConfig)
+    on_policy: OnPolicyConfig = Field(default_factory=OnPolicyConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    lora: LoraConfig | None = None  # LoRA (or QLoRA) on the student instead of full fine-tuning
+    gradient_checkpointing: bool = False
+    # padding-free batches: examples concatenated in one row, each attending only to itself
+    packing: bool = False
+    max_seq_len: int = Field(128, ge=8)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    seed: int = 0
+    log_every: int = Field(10, ge=1)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    trackers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)  # JSONL always
+    # multi-process runs: "fsdp" shards the teacher like the student; "replicate" puts a whole
+    # teacher on every process and must be asked for; "auto" = fsdp when the run uses FSDP
+    teacher_sharding: Literal["auto", "fsdp", "replicate"] = "auto"
+
+    @model_validator(mode="after")
+    def _one_way_to_say_the_loss(self) -> TrainConfig:
+        if self.loss is not None and (self.kd_ratio is not None or self.temperature is not None):
+            raise ValueError(
+                "train.kd_ratio/train.temperature are a shorthand for train.loss; with train.loss "
+                "set, give them inside it (train.loss.kd_ratio, train.loss.temperature)"
+            )
+        return self
+
+    def resolved_loss(self) -> LossSpec:
+        """The LossSpec of logit_kd / on_policy: ``loss`` as given, else from the shorthand.
+
+        logit_kd: forward KL with ``(1 − kd_ratio)·CE``; on_policy: GKD's generalized JSD
+        (β = 0.5), or reverse KL for ``variant: minillm``, with no CE unless kd_ratio is given.
+        """
+        if self.loss is not None:
+            return self.loss
+        if self.objective == "on_policy":
+            div = {"divergence": "reverse_kl"} if self.on_policy.variant == "minillm" else {
+                "divergence": "jsd", "beta": 0.5}
+            return LossSpec(**div, kd_ratio=self.kd_ratio,
+                            temperature=1.0 if self.temperature is None else self.temperature)
+        return LossSpec(
+            divergence="forward_kl",
+            kd_ratio=0.5 if self.kd_ratio is None else self.kd_ratio,
+            temperature=1.0 if self.temperature is None else self.temperature,
+        )
+
+
+class TrainJobConfig(StrictModel):
+    """``distillery train CONFIG``: train one model and save it as a plain HF directory."""
+
+    output_dir: str
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    teacher: ModelConfig | None = None  # needed by logit_kd (live) and feature_kd
+    teacher_cache: str | None = None  # a logit cache (distillery capture) instead of a live teacher
+    # optional first step (torchtune's KD recipe): fine-tune the teacher on the same data
+    # (objective sft, usually with lora) before distilling from it; saved beside output_dir
+    teacher_finetune: TrainConfig | None = None
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainJobConfig:
+        if self.teacher_cache is not None:
+            if self.train.objective != "logit_kd":
+                raise ValueError("teacher_cache feeds train.objective logit_kd; set it, or drop teacher_cache")
+            if self.teacher is not None:
+                raise ValueError("set teacher (a live model) or teacher_cache (captured logits), not both")
+        elif self.train.objective in ("logit_kd", "feature_kd", "on_policy") and self.teacher is None:
+            raise ValueError(f"train.objective is '{self.train.objective}' but no teacher is configured "
+                             "(teacher: a model, or teacher_cache: a logit cache for logit_kd)")
+        if (self.train.objective == "reward" and self.train.reward.source == "teacher_logprob"
+                and self.teacher is None):
+            raise ValueError("train.reward.source is 'teacher_logprob' but no teacher is configured")
+        if self.train.objective == "preference" and self.data.path is None:
+            raise ValueError("train.objective 'preference' reads prompt/chosen/rejected records: set data.path")
+        if self.teacher_finetune is not None:
+            if self.teacher is None or self.teacher.path is None:
+                raise ValueError("teacher_finetune fine-tunes teacher.path: configure the teacher model")
+            if self.teacher_finetune.objective != "sft":
+                raise ValueError("teacher_finetune.objective must be 'sft' (the teacher learns the target data)")
+        if self.model.path is None and self.tokenizer.path is None and self.data.task is None:
+            raise ValueError("a new tokenizer is trained on task text: set data.task or tokenizer.path")
+        return self
+
+
+class TeacherStageConfig(StrictModel):
+    """The pipeline's teacher: a ready HF directory, else trained by a ``distillery train`` recipe."""
+
+    path: str = "assets/demo_teacher"
+    recipe: str | None = "configs/demo_teacher.yaml"  # used when ``path`` is missing or stale
 
 
 class CaptureConfig(StrictModel):

@@ -5,6 +5,14 @@ An objective is any object with ``needs_teacher: bool``, ``trainable: list[nn.Mo
 ``loss(batch, student, teacher) -> (loss, metrics)``. Logits are shifted here, once:
 ``logits[:, t]`` predicts ``input_ids[:, t + 1]``, and positions whose label is ``IGNORE``
 (prompt, padding) do not count.
+
+``loss`` is a mean over ``metrics["count"]`` units (tokens, sequences, pairs; default
+``metrics["tokens"]``, else 1). The loop weights micro-batches and processes by that count,
+so a step's gradient is the same however its global batch is split. An objective with state
+of its own to resume (e.g. a random generator) implements ``state_dict() -> dict`` (JSON
+values) and ``load_state_dict(state)``; the checkpoint saves it with the ``trainable`` modules.
+``student`` may arrive wrapped (DDP): call it for forward passes, use
+:func:`~distillery.train.sampling.unwrap` for ``generate``/``config``.
 """
 
 from __future__ import annotations
@@ -42,6 +50,12 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def teacher_inputs(batch: dict[str, torch.Tensor], teacher: nn.Module) -> dict[str, torch.Tensor]:
+    """The batch's model inputs on the teacher's device (it may live on another device or the CPU)."""
+    device = next(teacher.parameters()).device
+    return {k: v.to(device, non_blocking=True) for k, v in _inputs(batch).items()}
 
 
 def _check_vocab(student_vocab: int, teacher_vocab: int) -> None:
