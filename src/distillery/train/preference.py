@@ -1,0 +1,417 @@
+"""Preference optimization: DPO, IPO and SimPO on ``prompt/chosen/rejected`` records.
+
+The records are TRL's conversational preference format, as the feedback elicitation writes
+them (``distillery.elicit.feedback``): ``prompt`` is a list of messages ending with the user's,
+``chosen`` and ``rejected`` are the competing assistant turn(s). Each pair becomes two
+sequences, ``prompt + chosen`` and ``prompt + rejected``, labeled on the response tokens only.
+
+A batch stacks them: rows ``0..B-1`` are the chosen sequences, rows ``B..2B-1`` the rejected
+ones of the same pairs, so the policy scores both in one forward pass (as TRL's
+``concatenated_forward``). With ``π`` the summed log-prob of a response under the student and
+``r`` under the reference, ``|y|`` its token count:
+
+- ``dpo`` (arXiv 2305.18290): ``h = (π_c − r_c) − (π_r − r_r)``,
+  ``loss = −(1−ε)·log σ(β·h) − ε·log σ(−β·h)`` (ε = ``label_smoothing``, conservative DPO);
+- ``ipo`` (arXiv 2310.12036): ``h = (π_c − r_c)/|c| − (π_r − r_r)/|r|``,
+  ``loss = (h − 1/(2β))²`` — length-averaged log-ratios as TRL's ``DPOTrainer`` (``loss_type="ipo"``);
+- ``simpo`` (arXiv 2405.14734): ``z = β·(π_c/|c| − π_r/|r|) − γ``, ``loss = −(1−ε)·log σ(z) − ε·log σ(−z)``,
+  no reference model (as TRL's ``CPOTrainer`` with ``loss_type="simpo"``).
+
+The reference model of dpo/ipo is explicit (see :func:`prepare_preference_training`):
+precomputed once and stored in the dataset items, or a frozen model scoring each batch, or
+for a LoRA student the same model with its adapters disabled (no copy).
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import Progress
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from distillery.config import ModelConfig, PreferenceConfig, TrainConfig, TrainJobConfig
+from distillery.losses.forms import cross_entropy_per_token
+from distillery.models import load_model
+from distillery.records import RecordError
+from distillery.train.data import IGNORE, Collator, tokenize_messages
+from distillery.train.sampling import unwrap
+
+console = Console(stderr=True)
+
+SIDES = ("chosen", "rejected")
+ROLES = ("system", "user", "assistant")
+
+# --------------------------------------------------------------------------- records
+
+
+def _check_messages(msgs: object, where: str, key: str) -> None:
+    """A non-empty list of ``{"role", "content"}`` with known roles and string contents."""
+    if not isinstance(msgs, list) or not msgs:
+        raise RecordError(f'{where}: needs a non-empty "{key}" list of messages '
+                          '([{"role": ..., "content": ...}])')
+    for m in msgs:
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise RecordError(f'{where}: each "{key}" message needs role system/user/assistant')
+        if not isinstance(m.get("content"), str):
+            raise RecordError(f'{where}: "{key}" message "content" must be a string')
+
+
+def validate_preference_records(records: list[dict], source: str) -> None:
+    """Check the preference contract; an error names ``source``, the record number and its id.
+
+    ``prompt``: messages ending with the user's; ``chosen``/``rejected``: messages that start
+    and end with an assistant turn (TRL's conversational format with an explicit prompt).
+    """
+    for i, rec in enumerate(records, 1):
+        where = f"{source}: record {i}"
+        if not isinstance(rec, dict):
+            raise RecordError(f"{where}: must be a JSON object with prompt/chosen/rejected")
+        if "id" in rec:
+            where += f" (id {rec['id']!r})"
+        if "messages" in rec and "prompt" not in rec:
+            raise RecordError(f'{where}: is an SFT "messages" record; preference training needs '
+                              '"prompt", "chosen" and "rejected" (e.g. from the feedback method)')
+        _check_messages(rec.get("prompt"), where, "prompt")
+        if rec["prompt"][-1]["role"] != "user":
+            raise RecordError(f'{where}: the last "prompt" message must be the user\'s')
+        for side in SIDES:
+            _check_messages(rec.get(side), where, side)
+            if rec[side][0]["role"] != "assistant" or rec[side][-1]["role"] != "assistant":
+                raise RecordError(f'{where}: "{side}" must start and end with an assistant message')
+
+
+# --------------------------------------------------------------------------- data
+
+
+class PreferenceDataset(torch.utils.data.Dataset):
+    """Pairs tokenized once, up front, with labels on the response tokens only.
+
+    Item: ``chosen_input_ids``/``chosen_labels`` and ``rejected_input_ids``/``rejected_labels``
+    (lists), plus ``ref_chosen_logps``/``ref_rejected_logps`` (floats) once
+    :func:`precompute_reference_logps` has run. Sequences are cut from the right at
+    ``max_len``, so the prompt is kept and the response's tail goes; a pair with no response
+    token left on either side is dropped (``self.dropped`` counts them).
+    """
+
+    def __init__(self, records: list[dict], tokenizer: PreTrainedTokenizerBase, max_len: int) -> None:
+        self.items: list[dict] = []
+        for r in records:
+            item = {}
+            for side in SIDES:
+                tok = tokenize_messages(r["prompt"] + r[side], tokenizer, max_len)
+                item[f"{side}_input_ids"], item[f"{side}_labels"] = tok["input_ids"], tok["labels"]
+            if all(any(x != IGNORE for x in item[f"{side}_labels"]) for side in SIDES):
+                self.items.append(item)
+        self.dropped = len(records) - len(self.items)
+        if not self.items:
+            raise ValueError("no preference pair has a response token left on both sides after "
+                             "truncation to max_seq_len: raise train.max_seq_len or shorten the prompts")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+@dataclass
+class PreferenceCollator(Collator):
+    """B pairs → one right-padded batch of 2B rows: the chosen sequences, then the rejected.
+
+    ``input_ids``/``attention_mask``/``labels`` ``[2B, seq]`` (row ``i`` and row ``B + i`` are
+    pair ``i``); with precomputed reference log-probs also ``ref_chosen_logps`` and
+    ``ref_rejected_logps`` ``[B]`` (float32).
+    """
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        rows = [{"input_ids": it[f"{side}_input_ids"], "labels": it[f"{side}_labels"]}
+                for side in SIDES for it in items]
+        batch = super().__call__(rows)
+        if all("ref_chosen_logps" in it for it in items):
+            for side in SIDES:
+                batch[f"ref_{side}_logps"] = torch.tensor([it[f"ref_{side}_logps"] for it in items])
+        return batch
+
+
+# --------------------------------------------------------------------------- log-probs
+
+
+def sequence_logps(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-prob of each row's labeled tokens and their count: ``([rows], [rows])``.
+
+    ``input_ids``/``attention_mask``/``labels`` are ``[rows, seq]``; ``logits[:, t]`` scores
+    ``input_ids[:, t + 1]``. Only the labeled positions' logits are upcast to float32 for the
+    log-softmax (``[labeled tokens, vocab]``, not ``[rows, seq, vocab]``).
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    targets = labels[:, 1:]
+    mask = targets != IGNORE
+    token_logps = -cross_entropy_per_token(logits[:, :-1][mask], targets[mask])
+    rows = mask.nonzero()[:, 0]
+    sums = torch.zeros(len(labels), dtype=token_logps.dtype, device=token_logps.device)
+    return sums.index_add(0, rows, token_logps), mask.sum(1)
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def _logistic(z: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """``−(1−ε)·log σ(z) − ε·log σ(−z)``: the preference is flipped with probability ε."""
+    return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+
+
+def dpo_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, beta: float,
+             label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-pair DPO loss ``[B]`` from summed log-ratios ``π − r`` of each side ``[B]``."""
+    return _logistic(beta * (chosen_logratios - rejected_logratios), label_smoothing)
+
+
+def ipo_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor,
+             chosen_tokens: torch.Tensor, rejected_tokens: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-pair IPO loss ``[B]``: ``(h − 1/(2β))²`` on per-token log-ratios, as TRL's ``ipo``."""
+    h = chosen_logratios / chosen_tokens.clamp(min=1) - rejected_logratios / rejected_tokens.clamp(min=1)
+    return (h - 1 / (2 * beta)) ** 2
+
+
+def simpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, chosen_tokens: torch.Tensor,
+               rejected_tokens: torch.Tensor, beta: float, gamma: float,
+               label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-pair SimPO loss ``[B]`` from summed policy log-probs (no reference)."""
+    avg = chosen_logps / chosen_tokens.clamp(min=1) - rejected_logps / rejected_tokens.clamp(min=1)
+    return _logistic(beta * avg - gamma, label_smoothing)
+
+
+def pair_losses(cfg: PreferenceConfig, logps: torch.Tensor, tokens: torch.Tensor,
+                ref_logps: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair loss and the implicit rewards of each side, all ``[B]``.
+
+    ``logps``/``tokens``/``ref_logps`` are ``[2B]`` (chosen rows first). Rewards are
+    ``β·(π − r)`` for dpo/ipo and ``β·π/|y|`` for simpo.
+    """
+    beta = cfg.resolved_beta
+    pc, pr = logps.chunk(2)
+    nc, nr = tokens.chunk(2)
+    if cfg.loss == "simpo":
+        losses = simpo_loss(pc, pr, nc, nr, beta, cfg.simpo_gamma, cfg.label_smoothing)
+        return losses, beta * pc / nc.clamp(min=1), beta * pr / nr.clamp(min=1)
+    if ref_logps is None:
+        raise ValueError(f"{cfg.loss} needs reference log-probs: build the objective with "
+                         "prepare_preference_training (precomputed or live reference)")
+    rc, rr = ref_logps.chunk(2)
+    lc, lr = pc - rc, pr - rr
+    if cfg.loss == "ipo":
+        losses = ipo_loss(lc, lr, nc, nr, beta)
+    else:
+        losses = dpo_loss(lc, lr, beta, cfg.label_smoothing)
+    return losses, beta * lc, beta * lr
+
+
+# --------------------------------------------------------------------------- reference
+
+
+Reference = Callable[[dict[str, torch.Tensor], nn.Module], torch.Tensor]
+
+
+@torch.no_grad()
+def _score(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed response log-probs ``[rows]`` under ``model`` in eval mode, on the batch's device."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        sums, _ = sequence_logps(model, *(batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")))
+    finally:
+        model.train(was_training)
+    return sums.to(batch["input_ids"].device)
+
+
+class ModelReference:
+    """A fixed model (a frozen copy, a ``reference_path`` model, or the untrained student)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, batch: dict[str, torch.Tensor], student: nn.Module) -> torch.Tensor:
+        return _score(self.model, batch)
+
+
+class AdapterOffReference:
+    """A LoRA student's base model: the student itself with its adapters disabled (no copy)."""
+
+    def __call__(self, batch: dict[str, torch.Tensor], student: nn.Module) -> torch.Tensor:
+        # the (possibly DDP-wrapped) student runs the forward; the switch lives on the peft model
+        with unwrap(student).disable_adapter():
+            return _score(student, batch)
+
+
+def _is_peft(model: nn.Module) -> bool:
+    """Whether the (possibly DDP-wrapped) model is a peft model, whose adapters can be switched off."""
+    peft = sys.modules.get("peft")  # never imported: no model can be a peft model
+    return peft is not None and isinstance(unwrap(model), peft.PeftModel)
+
+
+def precompute_reference_logps(dataset: PreferenceDataset, reference: Reference, student: nn.Module,
+                               pad_id: int, batch_pairs: int = 16, show_progress: bool = True) -> None:
+    """One pass over ``dataset`` storing ``ref_chosen_logps``/``ref_rejected_logps`` in its items."""
+    collate = PreferenceCollator(pad_id)
+    t0 = time.perf_counter()
+    with Progress(console=console, transient=True, disable=not show_progress) as progress:
+        bar = progress.add_task("reference log-probs", total=len(dataset))
+        for start in range(0, len(dataset), batch_pairs):
+            items = dataset.items[start: start + batch_pairs]
+            scores = reference(collate(items), student).tolist()
+            for it, c, r in zip(items, scores[: len(items)], scores[len(items):]):
+                it["ref_chosen_logps"], it["ref_rejected_logps"] = c, r
+            progress.advance(bar, len(items))
+    if show_progress:
+        console.print(f"reference log-probs of {len(dataset)} pairs in {time.perf_counter() - t0:.1f}s")
+
+
+# --------------------------------------------------------------------------- objective
+
+
+class PreferenceObjective:
+    """``mean over pairs of [pair loss + sft_weight · NLL(chosen)/|c|]``; see the module doc.
+
+    Reference log-probs come from the batch (``ref_chosen_logps``/``ref_rejected_logps``,
+    precomputed) or from ``reference`` (live); simpo needs neither. Metrics: ``loss``,
+    ``rewards/chosen``, ``rewards/rejected``, ``rewards/margin`` (means over pairs),
+    ``rewards/accuracy`` (share of pairs with margin > 0), ``logps/chosen``,
+    ``logps/rejected`` (summed response log-probs), ``nll`` (with ``sft_weight``) and
+    ``count`` = the number of pairs.
+    """
+
+    needs_teacher = False
+
+    def __init__(self, cfg: PreferenceConfig, reference: Reference | None = None) -> None:
+        self.cfg = cfg
+        self.reference = reference
+        self.trainable: list[nn.Module] = []
+
+    def _reference_logps(self, batch: dict[str, torch.Tensor], student: nn.Module) -> torch.Tensor | None:
+        if self.cfg.loss == "simpo":
+            return None
+        if "ref_chosen_logps" in batch:
+            return torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]]).float()
+        if self.reference is None:
+            return None
+        return self.reference(batch, student)
+
+    def loss(
+        self, batch: dict[str, torch.Tensor], student: nn.Module, teacher: nn.Module | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        # the reference first: the adapters-off pass must not interleave with the policy's graph
+        ref = self._reference_logps(batch, student)
+        logps, tokens = sequence_logps(student, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        losses, chosen, rejected = pair_losses(self.cfg, logps, tokens, ref)
+        pc, pr = logps.detach().chunk(2)
+        metrics: dict[str, float] = {}
+        if self.cfg.sft_weight:
+            nll = -(logps.chunk(2)[0] / tokens.chunk(2)[0].clamp(min=1))
+            losses = losses + self.cfg.sft_weight * nll
+            metrics["nll"] = nll.mean().item()
+        loss = losses.mean()
+        margin = (chosen - rejected).detach()
+        metrics.update({
+            "loss": loss.item(), "rewards/chosen": chosen.mean().item(),
+            "rewards/rejected": rejected.mean().item(), "rewards/margin": margin.mean().item(),
+            "rewards/accuracy": (margin > 0).float().mean().item(),
+            "logps/chosen": pc.mean().item(), "logps/rejected": pr.mean().item(),
+            "count": float(len(losses)),
+        })
+        return loss, metrics
+
+
+# --------------------------------------------------------------------------- wiring
+
+
+def _check(train: TrainConfig) -> None:
+    pref = train.preference
+    if pref.loss == "ipo" and pref.label_smoothing:
+        raise ValueError("train.preference.label_smoothing applies to dpo and simpo (a flipped-label "
+                         "logistic loss); ipo's squared loss has none: set it to 0")
+    if train.packing:
+        raise ValueError("train.packing is not supported by objective 'preference' (each pair is two "
+                         "rows scored side by side): set train.packing: false")
+
+
+def _reference_model_config(cfg: TrainJobConfig | TrainConfig, path: str, device: torch.device) -> ModelConfig:
+    """How to load ``reference_path``: the job's model settings (dtype, remote code) on the student's device."""
+    if isinstance(cfg, TrainJobConfig):
+        return cfg.model.model_copy(update={"path": path, "device": str(device)})
+    return ModelConfig(path=path, device=str(device))
+
+
+def build_reference(cfg: TrainJobConfig | TrainConfig, student: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                    copy_student: bool) -> Reference:
+    """The dpo/ipo reference: ``reference_path`` if set, else the student as it starts.
+
+    The student as it starts is, for a peft (LoRA) student, the student with adapters off;
+    otherwise a frozen deep copy (``copy_student``, for a live reference that must not move
+    while the student trains) or the student itself (a precompute pass before step 1).
+    """
+    train = cfg.train if isinstance(cfg, TrainJobConfig) else cfg
+    path = train.preference.reference_path
+    if path is not None:
+        device = next(student.parameters()).device
+        model = load_model(_reference_model_config(cfg, path, device)).eval().requires_grad_(False)
+        vocab = model.get_output_embeddings().weight.shape[0]
+        if vocab < len(tokenizer):
+            raise ValueError(f"train.preference.reference_path {path}: its vocabulary ({vocab}) is smaller "
+                             f"than the student's tokenizer ({len(tokenizer)}): the reference must share "
+                             "the student's tokenizer")
+        return ModelReference(model)
+    if _is_peft(student):
+        return AdapterOffReference()
+    if copy_student:
+        return ModelReference(copy.deepcopy(unwrap(student)).eval().requires_grad_(False))
+    return ModelReference(student)
+
+
+def prepare_preference_training(
+    cfg: TrainJobConfig | TrainConfig, records: list[dict], tokenizer: PreTrainedTokenizerBase,
+    student: nn.Module, *, source: str | None = None, show_progress: bool = True,
+) -> tuple[PreferenceDataset, PreferenceCollator, PreferenceObjective]:
+    """Validate and tokenize preference records and set up the reference; returns what
+    :func:`~distillery.train.loop.train_loop` takes: ``(dataset, collator, objective)``.
+
+    Call it with the student as training starts (LoRA already applied, before any checkpoint
+    weights are loaded into it). ``reference: precompute`` scores every pair with the
+    reference now, stores the log-probs in the dataset items and frees the reference;
+    ``live`` keeps it for the objective to score each batch. ``source`` names the records in
+    errors (default: ``data.path`` of a job config).
+    """
+    train = cfg.train if isinstance(cfg, TrainJobConfig) else cfg
+    pref = train.preference
+    _check(train)
+    if source is None:
+        source = cfg.data.path if isinstance(cfg, TrainJobConfig) and cfg.data.path else "preference records"
+    validate_preference_records(records, source)
+    dataset = PreferenceDataset(records, tokenizer, train.max_seq_len)
+    if dataset.dropped:
+        console.print(f"preference: dropped {dataset.dropped} of {len(records)} pairs with no response "
+                      f"token left after truncation to train.max_seq_len ({train.max_seq_len})")
+    collator = PreferenceCollator(tokenizer.pad_token_id)
+    reference = None
+    if pref.loss != "simpo":
+        reference = build_reference(cfg, student, tokenizer, copy_student=pref.reference == "live")
+        if pref.reference == "precompute":
+            batch_pairs = max(1, train.batch_size // train.grad_accum_steps)
+            precompute_reference_logps(dataset, reference, student, tokenizer.pad_token_id,
+                                       batch_pairs, show_progress)
+            reference = None  # a loaded reference_path model is freed here
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    return dataset, collator, PreferenceObjective(pref, reference)
