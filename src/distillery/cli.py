@@ -79,12 +79,25 @@ def run(args: list[str] = typer.Argument(None, help="[CONFIG] [key.sub=value ...
 
 
 @app.command()
-def train(args: list[str] = typer.Argument(..., help="CONFIG [key.sub=value ...]")) -> None:
-    """Train one model (teacher or student) from a train-job config; saves a HF directory."""
+def train(
+    args: list[str] = typer.Argument(..., help="CONFIG [key.sub=value ...]"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint"),
+) -> None:
+    """Train one model (teacher or student) from a train-job config; saves a HF directory.
+
+    Checkpoints (train.checkpoint.every) go to <output_dir>.checkpoints; after a crash or
+    Ctrl-C, the same command with --resume continues exactly where the last one stopped.
+    Multi-process: `accelerate launch [--num_processes N] -m distillery.cli train CONFIG`.
+    """
     _quiet_libraries()
+    from distillery.train.checkpoint import CheckpointError
     from distillery.train.job import run_train_job
 
-    run_train_job(_load_required(args, TrainJobConfig, "distillery train needs a config file"))
+    cfg = _load_required(args, TrainJobConfig, "distillery train needs a config file")
+    try:
+        run_train_job(cfg, resume=resume)
+    except (CheckpointError, FileExistsError) as exc:
+        _fail(exc)
 
 
 @app.command()

@@ -1,10 +1,18 @@
-"""``distillery train``: data → tokenizer → model → training loop → a saved HF directory."""
+"""``distillery train``: data → tokenizer → model → training loop → a saved HF directory.
+
+The job writes into ``<output_dir>.tmp`` and renames it to ``output_dir`` only when the model
+is saved, so ``output_dir`` is always a complete model. Checkpoints go to
+``<output_dir>.checkpoints`` (``train.checkpoint.dir``); ``resume=True`` continues from the
+newest one, and they are removed once the final model is in place. Under ``accelerate
+launch`` every process runs this function; only the main one writes the model.
+"""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
+from accelerate.utils import set_seed
 from rich.console import Console
 
 from distillery.config import DataConfig, TrainJobConfig
@@ -13,8 +21,9 @@ from distillery.models import build_model, load_model, load_tokenizer, save_mode
 from distillery.records import ground_truth_records, read_jsonl, validate_sft_records
 from distillery.tasks import load_problems
 from distillery.train.cached import CachedCollator, CachedSFTDataset
+from distillery.train.checkpoint import latest_checkpoint
 from distillery.train.data import Collator, SFTDataset
-from distillery.train.loop import TrainResult, train_loop
+from distillery.train.loop import TrainResult, process_state, train_loop
 from distillery.train.objectives import build_objective
 
 console = Console(stderr=True)
@@ -31,8 +40,32 @@ def load_training_records(data: DataConfig) -> list[dict]:
     return ground_truth_records(problems, data.target)
 
 
-def run_train_job(cfg: TrainJobConfig, show_progress: bool = True) -> TrainResult:
+def checkpoint_dir(cfg: TrainJobConfig) -> Path:
+    """Where a job's checkpoints go: ``train.checkpoint.dir`` or ``<output_dir>.checkpoints``."""
+    if cfg.train.checkpoint.dir:
+        return Path(cfg.train.checkpoint.dir)
+    out = Path(cfg.output_dir)
+    return out.with_name(out.name + ".checkpoints")
+
+
+def _prepare_dirs(cfg: TrainJobConfig, resume: bool, main: bool) -> Path:
+    """The ``.tmp`` directory the job writes into; a fresh run refuses to bury a crashed one."""
+    out = Path(cfg.output_dir)
+    tmp, ckpt = out.with_name(out.name + ".tmp"), checkpoint_dir(cfg)
+    if main:
+        if not resume and latest_checkpoint(ckpt) is not None:
+            raise FileExistsError(
+                f"{ckpt} holds checkpoints of an unfinished run ({latest_checkpoint(ckpt).name}): "
+                f"continue it with `distillery train CONFIG --resume`, or delete {ckpt} to start over")
+        if not resume:
+            shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True, exist_ok=True)
+    return tmp
+
+
+def run_train_job(cfg: TrainJobConfig, show_progress: bool = True, resume: bool = False) -> TrainResult:
     """Train the configured model and save it (weights, tokenizer, distillery.json) atomically."""
+    state = process_state()
     records = load_training_records(cfg.data)
     if cfg.tokenizer.path:
         tokenizer = load_tokenizer(cfg.tokenizer.path, trust_remote_code=cfg.model.trust_remote_code)
@@ -41,6 +74,7 @@ def run_train_job(cfg: TrainJobConfig, show_progress: bool = True) -> TrainResul
     else:
         texts = (m["content"] for r in records for m in r["messages"])
         tokenizer = train_tokenizer(texts, vocab_size=cfg.tokenizer.vocab_size)
+    set_seed(cfg.train.seed)  # a new model's random init is part of the run, like its data order
     model = load_model(cfg.model) if cfg.model.path else build_model(cfg.model, tokenizer)
     teacher = load_model(cfg.teacher) if cfg.teacher is not None else None
 
@@ -52,19 +86,35 @@ def run_train_job(cfg: TrainJobConfig, show_progress: bool = True) -> TrainResul
         dataset = SFTDataset(records, tokenizer, cfg.train.max_seq_len)
         collator = Collator(tokenizer.pad_token_id)
     objective = build_objective(cfg.train, student=model, teacher=teacher, cached=cfg.teacher_cache is not None)
+
+    tmp = _prepare_dirs(cfg, resume, state.is_main_process)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        console.print(f"training {cfg.train.objective} on {len(dataset)} records for {cfg.train.steps} steps"
+                      + (f" on {state.num_processes} processes" if state.num_processes > 1 else ""))
+    result = train_loop(
+        model, objective, dataset, collator, cfg.train, teacher=teacher,
+        log_path=tmp / "train_log.jsonl", show_progress=show_progress,
+        checkpoint_dir=checkpoint_dir(cfg), resume=resume, run_config=cfg.model_dump(mode="json"),
+        place_teacher=cfg.teacher is None or cfg.teacher.device == "auto",
+    )
+    if result.resumed_from and state.is_main_process:
+        console.print(f"resumed after step {result.resumed_from}")
+    if state.is_main_process:
+        _save_final(cfg, model, tokenizer, tmp, result)
+    state.wait_for_everyone()
+    return result
+
+
+def _save_final(cfg: TrainJobConfig, model: object, tokenizer: object, tmp: Path, result: TrainResult) -> None:
     out = Path(cfg.output_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    console.print(f"training {cfg.train.objective} on {len(dataset)} records for {cfg.train.steps} steps")
-    result = train_loop(model, objective, dataset, collator, cfg.train,
-                        teacher=teacher, log_path=tmp / "train_log.jsonl", show_progress=show_progress)
     meta = {"config": cfg.model_dump(mode="json"), "steps": result.steps, "seconds": result.seconds,
-            "final_loss": result.final_loss, "task": cfg.data.task.model_dump(mode="json") if cfg.data.task else None}
+            "final_loss": result.final_loss, "resumed_from": result.resumed_from,
+            "task": cfg.data.task.model_dump(mode="json") if cfg.data.task else None}
     save_model(model, tokenizer, tmp, meta=meta)
     # replace the old output only once the new one is complete
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
+    shutil.rmtree(checkpoint_dir(cfg), ignore_errors=True)  # the model is safe now
     console.print(f"saved {out} (final loss {result.final_loss:.4f}, {result.seconds:.0f}s)")
-    return result

@@ -1,26 +1,49 @@
 """The training loop: one plain PyTorch loop on accelerate; objectives plug into it.
 
-Read it top to bottom: seed, build the loader/optimizer/schedule, prepare them with
-accelerate, then step: loss from the objective → backward → clip → optimizer → schedule.
+Read it top to bottom: seed, build the optimizer and schedule, prepare them with accelerate,
+place the teacher, resume from the newest checkpoint if asked, then step:
+
+    for each micro-batch of this process's share of the step's global batch:
+        loss, metrics = objective.loss(batch, student, teacher)
+        backward(loss × count)                      # count = units the loss averaged over
+    grads ×= processes / global count               # = the mean over the whole global batch
+    clip → optimizer → schedule → log → checkpoint
+
+Scaling by the global count (tokens, pairs, ...) instead of averaging per micro-batch makes a
+step's gradient the same however the global batch is split over processes and micro-batches,
+so two processes reproduce one process's loss curve. The data order is a function of
+(seed, step) (:mod:`distillery.train.batches`), which is what makes resume exact.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedType, set_seed
 from torch import nn
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from distillery.config import TrainConfig
+from distillery.train.batches import check_split, global_batch, micro_batches
+from distillery.train.checkpoint import (
+    CheckpointError,
+    config_differences,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from distillery.train.logging import TrainLogger
 from distillery.train.objectives import Objective
+from distillery.train.sampling import unwrap
+
+# keys that may change between a run and its resume (they do not change the result)
+RESUMABLE_CHANGES = ("train.checkpoint", "train.trackers", "train.log_every", "output_dir")
 
 
 @dataclass
@@ -30,112 +53,189 @@ class TrainResult:
     tokens: int
     final_loss: float
     history: list[dict] = field(default_factory=list)
+    resumed_from: int = 0  # the step a resumed run started after (0 = from scratch)
 
 
-def _infinite(loader: torch.utils.data.DataLoader):
-    """Batches forever, reshuffling each epoch (the sampler's generator advances)."""
-    while True:
-        yield from loader
+def process_state() -> PartialState:
+    """This process's place in the run (rank, world size), set up once per process.
+
+    Without a GPU, processes started by ``accelerate launch --multi_gpu`` (or ``torchrun``)
+    join one gloo group on the CPU; accelerate would otherwise treat each as a lone run.
+    """
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def _optimizer(model: nn.Module, extra: list[nn.Module], cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on ≥2-D non-norm weights only."""
+    decay, no_decay = [], []
+    for module in [model, *extra]:
+        for name, p in module.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def _place_teacher(teacher: nn.Module | None, objective: Objective, accelerator: Accelerator,
+                   cfg: TrainConfig, place: bool) -> nn.Module | None:
+    """The teacher never trains: eval mode, no grads; never silently copied whole to every rank."""
+    if not objective.needs_teacher:
+        return teacher
+    if teacher is None:
+        raise ValueError("this objective needs a teacher, and none was given")
+    teacher = teacher.eval().requires_grad_(False)
+    if accelerator.num_processes > 1:
+        fsdp = accelerator.distributed_type == DistributedType.FSDP
+        sharding = cfg.teacher_sharding if cfg.teacher_sharding != "auto" else ("fsdp" if fsdp else None)
+        if sharding is None:
+            raise ValueError(
+                f"{accelerator.num_processes} processes would each hold a whole copy of the teacher. "
+                "Shard it with FSDP (accelerate config), capture its logits once (teacher_cache), "
+                "or accept the copies: train.teacher_sharding: replicate")
+        if sharding == "fsdp":
+            if not fsdp:
+                raise ValueError("train.teacher_sharding is 'fsdp' but this run is not launched with FSDP")
+            return accelerator.prepare_model(teacher, evaluation_mode=True)
+    return teacher.to(accelerator.device) if place else teacher
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _resume(checkpoint_dir: Path, run_config: dict | None, **parts: Any) -> dict:
+    """Load the newest checkpoint; refuse one written by a run with another config."""
+    path = latest_checkpoint(checkpoint_dir)
+    if path is None:
+        return {"step": 0, "tokens": 0}
+    meta = load_checkpoint(path, **parts)
+    if run_config is not None and meta.get("run_config") is not None:
+        diff = [k for k in config_differences(meta["run_config"], run_config)
+                if not k.startswith(RESUMABLE_CHANGES)]
+        if diff:
+            raise CheckpointError(
+                f"{path} was written by a run with a different config ({', '.join(diff[:5])} differ): "
+                "resume with the same config, or start fresh without --resume")
+    return meta
 
 
 def train_loop(
     model: nn.Module,
     objective: Objective,
     dataset: torch.utils.data.Dataset,
-    collate: object,
+    collate: Any,
     cfg: TrainConfig,
     teacher: nn.Module | None = None,
     log_path: str | Path | None = None,
     show_progress: bool = True,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    run_config: dict | None = None,
+    place_teacher: bool = True,
 ) -> TrainResult:
-    """Train ``model`` in place for ``cfg.steps`` optimizer steps; returns the loss history."""
+    """Train ``model`` in place for ``cfg.steps`` optimizer steps; returns the loss history.
+
+    ``checkpoint_dir``: where checkpoints go (every ``cfg.checkpoint.every`` steps and at the
+    end); with ``resume`` the newest one there is loaded first and training continues after
+    its step. ``run_config`` (the job's config as JSON) is stored in checkpoints to refuse
+    resuming another run. ``place_teacher``: move the teacher to the student's device
+    (False when the teacher was put on a device of its own).
+    """
     set_seed(cfg.seed)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        drop_last=len(dataset) >= cfg.batch_size,
-        collate_fn=collate,
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
-    decay, no_decay = [], []
-    # the student's parameters and any the objective trains beside it (e.g. feature projections)
+    log_dir = Path(log_path).parent if log_path else None
+    process_state()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              mixed_precision=cfg.mixed_precision, log_with=cfg.trackers or None,
+                              project_dir=str(log_dir / "trackers") if log_dir and cfg.trackers else None)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    check_split(cfg.batch_size, world, cfg.grad_accum_steps)
     extra = [m.to(accelerator.device) for m in getattr(objective, "trainable", [])]
-    for module in [model, *extra]:
-        for name, p in module.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=(0.9, 0.95),
-    )
+    optimizer = _optimizer(model, extra, cfg)
+    # stepped once per optimizer step by us (accelerate's wrapper would step it per process)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, cfg.warmup_steps, cfg.steps, min_lr_rate=cfg.min_lr_ratio
-    )
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    if objective.needs_teacher:
-        if teacher is None:
-            raise ValueError("this objective needs a teacher, and none was given")
-        # the teacher never trains: eval mode (no dropout), no grads, next to the student
-        teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
+        optimizer, cfg.warmup_steps, cfg.steps, min_lr_rate=cfg.min_lr_ratio)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    teacher = _place_teacher(teacher, objective, accelerator, cfg, place_teacher)
+    parts = {"model": unwrap(model), "optimizer": optimizer, "scheduler": scheduler,
+             "objective": objective, "rank": rank, "world_size": world}
+    state = {"step": 0, "tokens": 0}
+    if resume and checkpoint_dir is not None:
+        state = _resume(Path(checkpoint_dir), run_config, **parts)
+    start_step, tokens_total = state["step"], state["tokens"]
 
-    log_file = open(log_path, "a", encoding="utf-8") if log_path else None  # noqa: SIM115
-    history: list[dict] = []
+    logger = TrainLogger(cfg, accelerator, log_path, show_progress, start_step)
     model.train()
-    batches = _infinite(loader)
-    tokens_total, window_tokens, window_start, start = 0, 0, time.perf_counter(), time.perf_counter()
     loss_value = math.nan
-    columns = (
-        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
-        TimeRemainingColumn(),
-    )
-    show = show_progress and accelerator.is_main_process
-    progress = Progress(*columns, disable=not show, transient=False)
-    # a live bar needs a terminal; in logs (CI, `| tee`) print a plain line every 10% instead
-    plain_every = max(cfg.steps // 10, 1) if show and not progress.console.is_terminal else 0
-    with progress:
-        bar = progress.add_task("train", total=cfg.steps, loss=math.nan, tps=0.0)
-        for step in range(1, cfg.steps + 1):
-            batch = next(batches)
-            loss, metrics = objective.loss(batch, model, teacher)
-            accelerator.backward(loss)
-            if cfg.grad_clip:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            n_tokens = int(batch["attention_mask"].sum())
+    with logger:
+        for step in range(start_step + 1, cfg.steps + 1):
+            loss_value, n_tokens, metrics = _step(step, model, objective, teacher, dataset, collate,
+                                                  cfg, accelerator, optimizer, scheduler, extra)
             tokens_total += n_tokens
-            window_tokens += n_tokens
-            loss_value = loss.item()
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                now = time.perf_counter()
-                tps = window_tokens / max(now - window_start, 1e-9)
-                window_tokens, window_start = 0, now
-                entry = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                         "tokens_per_s": tps, **metrics}
-                history.append(entry)
-                if log_file:
-                    log_file.write(json.dumps(entry) + "\n")
-                    log_file.flush()
-                progress.update(bar, loss=loss_value, tps=tps)
-            progress.advance(bar)
-            if plain_every and (step % plain_every == 0 or step == cfg.steps):
-                progress.console.print(
-                    f"step {step}/{cfg.steps} loss {loss_value:.4f} "
-                    f"({time.perf_counter() - start:.0f}s elapsed)", highlight=False
-                )
-    if log_file:
-        log_file.close()
+            logger.step(step, loss_value, n_tokens, scheduler.get_last_lr()[0], metrics)
+            every = cfg.checkpoint.every
+            if checkpoint_dir is not None and ((every and step % every == 0) or step == cfg.steps):
+                save_checkpoint(checkpoint_dir, step, **parts, barrier=accelerator.wait_for_everyone,
+                                keep_last=cfg.checkpoint.keep_last,
+                                state={"tokens": tokens_total, "run_config": run_config})
     accelerator.wait_for_everyone()
-    return TrainResult(
-        steps=cfg.steps,
-        seconds=time.perf_counter() - start,
-        tokens=tokens_total,
-        final_loss=loss_value,
-        history=history,
-    )
+    for tracker in accelerator.trackers:  # not end_training(): it would end the process group
+        tracker.finish()
+    return TrainResult(steps=cfg.steps, seconds=logger.seconds, tokens=tokens_total,
+                       final_loss=loss_value, history=logger.history, resumed_from=start_step)
+
+
+def _step(step: int, model: nn.Module, objective: Objective, teacher: nn.Module | None,
+          dataset: torch.utils.data.Dataset, collate: Any, cfg: TrainConfig, accelerator: Accelerator,
+          optimizer: torch.optim.Optimizer, scheduler: Any, extra: list[nn.Module],
+          ) -> tuple[float, int, dict[str, float]]:
+    """One optimizer step over the global batch of ``step``; returns (mean loss, tokens, metrics)."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    indices = global_batch(len(dataset), cfg.batch_size, cfg.seed, step - 1)
+    shares = micro_batches(indices, rank, world, cfg.grad_accum_steps)
+    local = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss·count, count, tokens
+    metric_sums: dict[str, float] = {}
+    for j, idx in enumerate(shares):
+        batch = _to_device(collate([dataset[i] for i in idx]), accelerator.device)
+        # gradients are all-reduced once, on the last micro-batch
+        sync = contextlib.nullcontext() if j == len(shares) - 1 else accelerator.no_sync(model)
+        with sync:
+            loss, metrics = objective.loss(batch, model, teacher)
+            count = float(metrics.get("count", metrics.get("tokens", 1.0)))
+            accelerator.backward(loss * count)
+        local += torch.tensor([loss.item() * count, count, float(batch["attention_mask"].sum())],
+                              dtype=torch.float64, device=accelerator.device)
+        for k, v in metrics.items():
+            metric_sums[k] = metric_sums.get(k, 0.0) + float(v) * count
+    total = accelerator.reduce(local, reduction="sum") if world > 1 else local
+    loss_sum, count, tokens = total.tolist()
+    _scale_gradients(model, extra, world / max(count, 1e-12), world, accelerator)
+    if cfg.grad_clip:
+        accelerator.clip_grad_norm_([p for m in [model, *extra] for p in m.parameters()], cfg.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    local_count = max(float(local[1]), 1e-12)
+    metrics = {k: v / local_count for k, v in metric_sums.items() if k not in ("count", "loss", "tokens")}
+    return loss_sum / max(count, 1e-12), int(tokens), metrics
+
+
+def _scale_gradients(model: nn.Module, extra: list[nn.Module], factor: float, world: int,
+                     accelerator: Accelerator) -> None:
+    """Turn summed ``loss × count`` gradients into the global-batch mean.
+
+    The student's gradients arrive averaged over processes (DDP), hence ``factor`` =
+    processes / global count; the objective's own modules are not DDP-wrapped, so their
+    gradients are summed over processes here and divided by the global count.
+    """
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(factor)
+        for m in extra:
+            for p in m.parameters():
+                if p.grad is None:
+                    continue
+                if world > 1:
+                    p.grad.copy_(accelerator.reduce(p.grad, reduction="sum"))
+                p.grad.mul_(factor / world)
