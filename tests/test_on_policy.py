@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -209,6 +210,32 @@ def test_state_dict_resumes_the_coin_sequence(tok):
     assert [resumed.draw_on_policy() for _ in range(100)] == rest
     fresh = _objective(tok, seed=3, lmbda=0.3)
     assert [fresh.draw_on_policy() for _ in range(100)] != rest
+
+
+def test_a_resumed_train_loop_continues_the_coins_and_the_run(tok, teacher, tmp_path):
+    # with seed 4, coins 5-8 differ from coins 1-4: a run that restarted its coin would show it
+    cfg = TrainConfig(objective="on_policy", on_policy={"lmbda": 0.5, "max_new_tokens": 8}, steps=8,
+                      batch_size=4, lr=1e-2, warmup_steps=1, max_seq_len=MAX_LEN, log_every=1, seed=4,
+                      checkpoint={"every": 4, "keep_last": 2})
+    coins = OnPolicyObjective(cfg, tok.eos_token_id, tok.pad_token_id)
+    flips = [float(coins.draw_on_policy()) for _ in range(8)]
+    assert flips[4:] != flips[:4]
+    ds = SFTDataset(_records(32), tok, MAX_LEN)
+
+    def run(directory, resume: bool):
+        student = _student(tok)
+        obj = OnPolicyObjective(cfg, tok.eos_token_id, tok.pad_token_id)
+        result = train_loop(student, obj, ds, Collator(tok.pad_token_id), cfg, teacher, None, False,
+                            checkpoint_dir=directory, resume=resume)
+        return student, [(h["step"], h["on_policy"], h["loss"]) for h in result.history]
+
+    whole, history = run(tmp_path / "whole", False)
+    (halfway,) = [p for p in (tmp_path / "whole").iterdir() if p.name.endswith("4")]
+    shutil.copytree(halfway, tmp_path / "resumed" / halfway.name)
+    resumed, rest = run(tmp_path / "resumed", True)
+    assert rest == history[4:]
+    assert [on for _, on, _ in history] == flips
+    assert all(torch.equal(p, q) for p, q in zip(whole.parameters(), resumed.parameters()))
 
 
 # --------------------------------------------------------------------------- 3. seq_kd
