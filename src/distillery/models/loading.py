@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,10 @@ def load_model(cfg: ModelConfig | str, **overrides: Any) -> PreTrainedModel:
     path = Path(cfg.path)
     if not path.exists() and (path.is_absolute() or cfg.path.startswith(".")):
         raise FileNotFoundError(f"model directory not found: {cfg.path}")
+    if (path / "adapter_config.json").is_file() and importlib.util.find_spec("peft") is None:
+        # transformers would load the base weights alone, silently
+        raise ImportError(f"{cfg.path} is a LoRA student (base + adapter): loading it needs peft "
+                          "(pip install 'distillery[lora]')")
     dtype = "auto" if cfg.dtype == "auto" else _DTYPES[cfg.dtype]
     model = AutoModelForCausalLM.from_pretrained(
         cfg.path, dtype=dtype, trust_remote_code=cfg.trust_remote_code
@@ -82,11 +87,18 @@ def save_model(
 ) -> Path:
     """Save a plain HF directory (safetensors + tokenizer), loadable without distillery.
 
-    ``meta`` (e.g. the training config) goes to ``distillery.json`` beside the weights.
+    A peft model (LoRA, not merged) is saved as base weights + adapter, see
+    :func:`distillery.models.lora.save_peft_model`. ``meta`` (e.g. the training config) goes
+    to ``distillery.json`` beside the weights.
     """
+    from distillery.models.lora import is_peft_model, save_peft_model
+
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    if is_peft_model(model):
+        save_peft_model(model, out)
+    else:
+        model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     if meta is not None:
         (out / "distillery.json").write_text(json.dumps(meta, indent=2, sort_keys=True))

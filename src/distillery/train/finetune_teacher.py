@@ -1,0 +1,111 @@
+"""The teacher fine-tuning step of torchtune's KD recipe: SFT the teacher on the target data first.
+
+A teacher that has seen the task's format gives the student sharper, more useful distributions.
+``finetune_teacher`` trains ``job_cfg.teacher`` with ``job_cfg.teacher_finetune`` (objective
+``sft``, usually LoRA), merges the adapters and saves a plain HF directory at
+``<output_dir>.teacher_ft``. Its ``distillery.json`` records a fingerprint of what it was made
+from (the teacher's files, the fine-tuning config, the records), so a re-run with the same
+inputs reuses it and any change retrains it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from rich.console import Console
+from transformers import PreTrainedTokenizerBase
+
+from distillery.config import ModelConfig, TrainConfig, TrainJobConfig, config_hash
+from distillery.models import (
+    finalize_student,
+    load_model_for_training,
+    load_tokenizer,
+    read_meta,
+    save_model,
+)
+from distillery.train.data import Collator, SFTDataset
+from distillery.train.loop import train_loop
+from distillery.train.objectives import SFTObjective
+from distillery.train.packing import PackedCollator
+
+console = Console(stderr=True)
+
+
+def teacher_finetune_dir(job_cfg: TrainJobConfig) -> Path:
+    """Where the fine-tuned teacher lives: ``<output_dir>.teacher_ft`` beside the student."""
+    out = Path(job_cfg.output_dir)
+    return out.with_name(out.name + ".teacher_ft")
+
+
+def _files_signature(path: str) -> list[tuple[str, int, int]] | str:
+    """Name, size and mtime of each file of a local model directory (a hub id: the id itself)."""
+    p = Path(path)
+    if not p.is_dir():
+        return path
+    return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(p.iterdir()) if f.is_file()]
+
+
+def finetune_fingerprint(teacher: ModelConfig, ft_cfg: TrainConfig, records: list[dict]) -> str:
+    """What the fine-tuned teacher depends on: the teacher (config and files), the config, the data."""
+    return config_hash(teacher, _files_signature(teacher.path), ft_cfg, records)
+
+
+def _teacher_tokenizer(teacher: ModelConfig, fallback: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """The teacher learns its data in its own tokenization; ``fallback`` if it ships none."""
+    try:
+        return load_tokenizer(teacher.path, trust_remote_code=teacher.trust_remote_code)
+    except (OSError, ValueError):
+        return fallback
+
+
+def _objectives_read_packed_rows() -> bool:
+    """Whether SFTObjective hands a packed batch's ``position_ids`` to the model."""
+    from distillery.train import objectives
+
+    probe = PackedCollator(0, 4)([{"input_ids": [1, 2], "labels": [1, 2]}])
+    return "position_ids" in objectives._inputs(probe)
+
+
+def finetune_teacher(
+    job_cfg: TrainJobConfig, records: list[dict], tokenizer: PreTrainedTokenizerBase,
+    show_progress: bool = True,
+) -> Path:
+    """SFT ``job_cfg.teacher`` on ``records`` with ``job_cfg.teacher_finetune``; returns its directory.
+
+    The directory is reused when its fingerprint matches; otherwise the teacher is trained,
+    merged (LoRA adapters always are: a teacher is used for inference) and written to a
+    temporary directory that replaces the old one only once complete.
+    """
+    ft_cfg, teacher = job_cfg.teacher_finetune, job_cfg.teacher
+    if ft_cfg is None or teacher is None or teacher.path is None:
+        raise ValueError("finetune_teacher needs teacher.path and teacher_finetune in the train config")
+    out = teacher_finetune_dir(job_cfg)
+    fingerprint = finetune_fingerprint(teacher, ft_cfg, records)
+    if out.is_dir() and read_meta(out).get("fingerprint") == fingerprint:
+        console.print(f"reusing the fine-tuned teacher {out} (same teacher, config and data)")
+        return out
+
+    if ft_cfg.packing and not _objectives_read_packed_rows():
+        raise ValueError("teacher_finetune.packing: the objectives do not pass packed rows' "
+                         "position_ids/mask to the model yet; set teacher_finetune.packing: false")
+    tok = _teacher_tokenizer(teacher, tokenizer)
+    model = load_model_for_training(teacher, ft_cfg.lora, gradient_checkpointing=ft_cfg.gradient_checkpointing)
+    dataset = SFTDataset(records, tok, ft_cfg.max_seq_len)
+    collate = PackedCollator(tok.pad_token_id, ft_cfg.max_seq_len) if ft_cfg.packing else Collator(tok.pad_token_id)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    console.print(f"fine-tuning the teacher {teacher.path} on {len(dataset)} records for {ft_cfg.steps} steps")
+    result = train_loop(model, SFTObjective(), dataset, collate, ft_cfg,
+                        log_path=tmp / "train_log.jsonl", show_progress=show_progress)
+    merge = ft_cfg.lora.model_copy(update={"merge": True}) if ft_cfg.lora is not None else None
+    meta = {"fingerprint": fingerprint, "teacher": teacher.path, "teacher_finetune": ft_cfg.model_dump(mode="json"),
+            "records": len(records), "steps": result.steps, "seconds": result.seconds,
+            "final_loss": result.final_loss}
+    save_model(finalize_student(model, merge), tok, tmp, meta=meta)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    console.print(f"saved the fine-tuned teacher {out} (final loss {result.final_loss:.4f})")
+    return out
