@@ -156,22 +156,28 @@ def lm_head_inputs(
     """Run a Hugging Face causal LM's body and return what its lm_head would consume.
 
     Returns ``(hidden [batch, seq, hidden], weight [vocab, hidden], bias [vocab] | None)``:
-    ``model.base_model(...).last_hidden_state`` (the final-norm output) and
+    the final-norm hidden states (the model's last ``hidden_states``, computed by its own
+    forward with the lm_head applied to one position only) and
     ``model.get_output_embeddings()``'s weight/bias, which is the embedding Parameter itself
     when ``tie_word_embeddings`` is set. Unshifted: position t predicts token t + 1.
 
     Models that transform logits after the lm_head (Gemma-2's final soft-capping, Cohere's
     ``logit_scale``) are refused, because the fused loss would not see that transform.
     """
-    cfg = getattr(model, "config", None)
+    inner = model
+    while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):
+        inner = inner.module  # DDP / accelerate wrappers
+    cfg = getattr(inner, "config", None)
     for attr in ("final_logit_softcapping", "logit_scale"):
         value = getattr(cfg, attr, None)
         if value not in (None, 1.0, 0.0):
-            raise ValueError(f"{type(model).__name__} sets {attr}={value}; fused form unsupported")
-    body = model.base_model
-    out = body(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
-    head = model.get_output_embeddings()
-    return out.last_hidden_state, head.weight, getattr(head, "bias", None)
+            raise ValueError(f"{type(inner).__name__} sets {attr}={value}; fused form unsupported")
+    # through the (possibly wrapped) model's own forward, so DDP/FSDP hooks run; the lm_head is
+    # applied to the last position only, and the last hidden state is the final-norm output
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                logits_to_keep=1, **model_kwargs)
+    head = inner.get_output_embeddings()
+    return out.hidden_states[-1], head.weight, getattr(head, "bias", None)
 
 
 def fused_kd_loss_from_model(

@@ -194,7 +194,7 @@ def _step(step: int, model: nn.Module, objective: Objective, teacher: nn.Module 
     indices = global_batch(len(dataset), cfg.batch_size, cfg.seed, step - 1)
     shares = micro_batches(indices, rank, world, cfg.grad_accum_steps)
     local = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss·count, count, tokens
-    metric_sums: dict[str, float] = {}
+    metric_sums: dict[str, tuple[float, float]] = {}
     for j, idx in enumerate(shares):
         batch = _to_device(collate([dataset[i] for i in idx]), accelerator.device)
         # gradients are all-reduced once, on the last micro-batch
@@ -205,8 +205,9 @@ def _step(step: int, model: nn.Module, objective: Objective, teacher: nn.Module 
             accelerator.backward(loss * count)
         local += torch.tensor([loss.item() * count, count, float(batch["attention_mask"].sum())],
                               dtype=torch.float64, device=accelerator.device)
-        for k, v in metrics.items():
-            metric_sums[k] = metric_sums.get(k, 0.0) + float(v) * count
+        for k, v in metrics.items():  # a metric is averaged over the micro-batches that report it
+            total_v, total_c = metric_sums.get(k, (0.0, 0.0))
+            metric_sums[k] = (total_v + float(v) * count, total_c + count)
     total = accelerator.reduce(local, reduction="sum") if world > 1 else local
     loss_sum, count, tokens = total.tolist()
     _scale_gradients(model, extra, world / max(count, 1e-12), world, accelerator)
@@ -215,8 +216,7 @@ def _step(step: int, model: nn.Module, objective: Objective, teacher: nn.Module 
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    local_count = max(float(local[1]), 1e-12)
-    metrics = {k: v / local_count for k, v in metric_sums.items() if k not in ("count", "loss", "tokens")}
+    metrics = {k: v / max(c, 1e-12) for k, (v, c) in metric_sums.items() if k not in ("count", "loss", "tokens")}
     return loss_sum / max(count, 1e-12), int(tokens), metrics
 
 

@@ -79,9 +79,9 @@ class SFTObjective:
         self, batch: dict[str, torch.Tensor], student: nn.Module, teacher: nn.Module | None = None
     ) -> tuple[torch.Tensor, dict[str, float]]:
         logits = student(**_inputs(batch)).logits
-        targets, _ = shifted_targets(batch)
+        targets, mask = shifted_targets(batch)
         ce = cross_entropy(logits[:, :-1], targets)
-        return ce, {"ce": ce.item()}
+        return ce, {"ce": ce.item(), "count": float(mask.sum())}
 
 
 class LogitKDObjective:
@@ -119,33 +119,55 @@ class LogitKDObjective:
     def loss(
         self, batch: dict[str, torch.Tensor], student: nn.Module, teacher: nn.Module | None
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        targets, mask = shifted_targets(batch)
         if self.cached:
+            targets, mask = shifted_targets(batch)
             s_logits = student(**_inputs(batch)).logits[:, :-1]
-            return distillation_loss(
+            loss, metrics = distillation_loss(
                 self.spec, student_logits=s_logits, teacher_topk_ids=batch["teacher_ids"],
                 teacher_topk_logprobs=batch["teacher_logprobs"],
                 teacher_log_tail=batch["teacher_log_tail"], labels=targets, mask=mask,
             )
+            return loss, {**metrics, "count": loss_count(batch, self.spec)}
         if teacher is None:
             raise ValueError("logit_kd needs a teacher model (or a logit cache: teacher_cache)")
-        if self.spec.form == "fused":
-            with torch.no_grad():
-                t_hidden, t_weight, t_bias = lm_head_inputs(teacher, **_inputs(batch))
-            s_hidden, s_weight, s_bias = lm_head_inputs(student, **_inputs(batch))
-            _check_vocab(s_weight.shape[0], t_weight.shape[0])
-            return distillation_loss(
-                self.spec, student_hidden=s_hidden[:, :-1], lm_head_weight=s_weight, lm_head_bias=s_bias,
-                teacher_hidden=t_hidden[:, :-1], teacher_lm_head_weight=t_weight,
-                teacher_lm_head_bias=t_bias, labels=targets, mask=mask,
-            )
-        s_logits = student(**_inputs(batch)).logits[:, :-1]
+        loss, metrics = live_kd_loss(self.spec, batch, student, teacher)
+        return loss, {**metrics, "count": loss_count(batch, self.spec)}
+
+
+def loss_count(batch: dict[str, torch.Tensor], spec: LossSpec) -> float:
+    """The units a distillation loss is a mean over: counted tokens, or sequences (``reduction: sequence``)."""
+    counted = shifted_targets(batch)[1]
+    if spec.reduction == "sequence":
+        return float(counted.any(-1).sum())
+    return float(counted.sum())
+
+
+def live_kd_loss(
+    spec: LossSpec, batch: dict[str, torch.Tensor], student: nn.Module, teacher: nn.Module
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """``distillation_loss`` against a live teacher on ``batch``, shifted (``[:, :-1]`` vs labels ``[:, 1:]``).
+
+    The teacher reads the batch on its own device (:func:`teacher_inputs`, under ``no_grad``)
+    and its outputs come back to the student's. ``fused`` passes hidden states and lm_head
+    weights (the student's through its own, possibly DDP-wrapped, forward).
+    """
+    targets, mask = shifted_targets(batch)
+    t_in, device = teacher_inputs(batch, teacher), batch["input_ids"].device
+    if spec.form == "fused":
         with torch.no_grad():
-            t_logits = teacher(**_inputs(batch)).logits[:, :-1]
-        _check_vocab(s_logits.shape[-1], t_logits.shape[-1])
+            t_hidden, t_weight, t_bias = lm_head_inputs(teacher, **t_in)
+        s_hidden, s_weight, s_bias = lm_head_inputs(student, **_inputs(batch))
+        _check_vocab(s_weight.shape[0], t_weight.shape[0])
         return distillation_loss(
-            self.spec, student_logits=s_logits, teacher_logits=t_logits, labels=targets, mask=mask
+            spec, student_hidden=s_hidden[:, :-1], lm_head_weight=s_weight, lm_head_bias=s_bias,
+            teacher_hidden=t_hidden[:, :-1].to(device), teacher_lm_head_weight=t_weight.to(device),
+            teacher_lm_head_bias=None if t_bias is None else t_bias.to(device), labels=targets, mask=mask,
         )
+    s_logits = student(**_inputs(batch)).logits[:, :-1]
+    with torch.no_grad():
+        t_logits = teacher(**t_in).logits[:, :-1].to(device)
+    _check_vocab(s_logits.shape[-1], t_logits.shape[-1])
+    return distillation_loss(spec, student_logits=s_logits, teacher_logits=t_logits, labels=targets, mask=mask)
 
 
 class FeatureKDObjective:
@@ -181,7 +203,8 @@ class FeatureKDObjective:
         mask = batch["labels"] != IGNORE
         feat, metrics = self.distiller(out.hidden_states, t_out.hidden_states, mask)
         loss = self.ce_weight * ce + feat
-        return loss, {"ce": ce.item(), **{k: float(v) for k, v in metrics.items()}}
+        # a token mean (the relation term is a mean over sequences: weighted by tokens too)
+        return loss, {"ce": ce.item(), **{k: float(v) for k, v in metrics.items()}, "count": float(mask.sum())}
 
 
 def _check_layer_map(layer_map: dict[int, int], student_layers: int, teacher_layers: int) -> None:

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from distillery.config import TrainConfig
-from distillery.losses import LossSpec, distillation_loss, lm_head_inputs
-from distillery.train.objectives import shifted_targets, teacher_inputs
+from distillery.losses import LossSpec
+from distillery.train.objectives import live_kd_loss, loss_count
 from distillery.train.sampling import (
     batch_prompts,
     continuation_batch,
@@ -108,8 +108,8 @@ class OnPolicyObjective:
             rebuilt = continuation_batch(prompts, continuations, self.sampling["pad_token_id"], self.max_seq_len)
             batch = {k: v.to(device) for k, v in rebuilt.items()}
         spec = self.on_policy_spec if on_policy else self.spec
-        loss, metrics = _live_kd_loss(spec, batch, student, teacher)
-        metrics.update(count=_count(batch, spec), on_policy=float(on_policy), gen_tokens=gen_tokens)
+        loss, metrics = live_kd_loss(spec, batch, student, teacher)
+        metrics.update(count=loss_count(batch, spec), on_policy=float(on_policy), gen_tokens=gen_tokens)
         return loss, metrics
 
     def _sample(self, model: nn.Module, prompts: list[list[int]]) -> list[list[int]]:
@@ -147,40 +147,6 @@ def _check_vocab(student: nn.Module, teacher: nn.Module) -> None:
             "teacher scores the student's tokens, so both need the same tokenizer (give the "
             "student tokenizer.path: <teacher dir>)"
         )
-
-
-def _count(batch: dict[str, torch.Tensor], spec: LossSpec) -> float:
-    """The units the loss is a mean over: counted tokens, or sequences with ``reduction: sequence``."""
-    counted = shifted_targets(batch)[1]
-    if spec.reduction == "sequence":
-        return float(counted.any(-1).sum())
-    return float(counted.sum())
-
-
-def _live_kd_loss(
-    spec: LossSpec, batch: dict[str, torch.Tensor], student: nn.Module, teacher: nn.Module
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """``distillation_loss`` of a live teacher on ``batch``, shifted (``[:, :-1]`` vs labels ``[:, 1:]``).
-
-    The teacher reads the batch on its own device (:func:`teacher_inputs`, under ``no_grad``);
-    its outputs come back to the student's. ``fused`` passes hidden states and lm_head weights.
-    """
-    targets, mask = shifted_targets(batch)
-    s_in = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    t_in, device = teacher_inputs(batch, teacher), batch["input_ids"].device
-    if spec.form == "fused":
-        with torch.no_grad():
-            t_hidden, t_weight, t_bias = lm_head_inputs(teacher, **t_in)
-        s_hidden, s_weight, s_bias = lm_head_inputs(student, **s_in)
-        return distillation_loss(
-            spec, student_hidden=s_hidden[:, :-1], lm_head_weight=s_weight, lm_head_bias=s_bias,
-            teacher_hidden=t_hidden[:, :-1].to(device), teacher_lm_head_weight=t_weight.to(device),
-            teacher_lm_head_bias=None if t_bias is None else t_bias.to(device), labels=targets, mask=mask,
-        )
-    s_logits = student(**s_in).logits[:, :-1]
-    with torch.no_grad():
-        t_logits = teacher(**t_in).logits[:, :-1].to(device)
-    return distillation_loss(spec, student_logits=s_logits, teacher_logits=t_logits, labels=targets, mask=mask)
 
 
 __all__ = ["OnPolicyObjective"]
