@@ -148,6 +148,22 @@ def test_target_module_typo_is_named(model_cfg):
     assert sorted({n.split(".")[-4] for n, _ in model.named_parameters() if "lora_A" in n}) == ["q_proj", "v_proj"]
 
 
+@needs_peft
+def test_adapter_initialisation_is_drawn_from_the_seed(model_cfg):
+    def adapters(seed: int) -> dict[str, torch.Tensor]:
+        model = load_model_for_training(model_cfg, LoraConfig(r=4), seed=seed)
+        return {n: p.detach() for n, p in model.named_parameters() if "lora_A" in n}
+
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    first = adapters(0)
+    assert torch.equal(torch.rand(1), expected_next)  # the global generator was left alone
+    torch.manual_seed(7)  # another global state: same adapters
+    assert all(torch.equal(first[n], p) for n, p in adapters(0).items())
+    assert not any(torch.equal(first[n], p) for n, p in adapters(1).items())
+
+
 QLORA_HERE = torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
 
 

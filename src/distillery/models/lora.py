@@ -79,10 +79,13 @@ def _check_target_modules(model: nn.Module, targets: list[str]) -> None:
         )
 
 
-def apply_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
+def apply_lora(model: PreTrainedModel, cfg: LoraConfig, *, seed: int = 0) -> PeftModel:
     """Wrap ``model`` in LoRA adapters (peft, ``CAUSAL_LM``); only the adapters train.
 
     ``target_modules: all-linear`` is peft's own: every linear layer but the output head.
+    The adapters' random initialisation is drawn from ``seed`` (the global generators are left
+    as they were), so a run is reproducible and every process of a multi-process run starts
+    from the same adapters.
     """
     peft = _peft()
     if cfg.target_modules != "all-linear":
@@ -91,8 +94,11 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
         target_modules=cfg.target_modules, task_type="CAUSAL_LM",
     )
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     try:
-        return peft.get_peft_model(model, peft_cfg)
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(seed)
+            return peft.get_peft_model(model, peft_cfg)
     except ImportError as exc:
         # peft >= 0.18 refuses an old torchao (torchtune 0.6 pins 0.10) for any LoRA layer
         raise ImportError(
@@ -147,23 +153,29 @@ def _load_4bit(model_cfg: ModelConfig, gradient_checkpointing: bool) -> PreTrain
 
 
 def load_model_for_training(
-    model_cfg: ModelConfig, lora: LoraConfig | None, *, gradient_checkpointing: bool = False
+    model_cfg: ModelConfig, lora: LoraConfig | None, *, gradient_checkpointing: bool = False,
+    seed: int = 0,
 ) -> PreTrainedModel | PeftModel:
-    """The model ``model_cfg.path`` names, ready to train: full, LoRA, or QLoRA (``lora.quantize``)."""
+    """The model ``model_cfg.path`` names, ready to train: full, LoRA, or QLoRA (``lora.quantize``).
+
+    ``seed`` (use ``train.seed``) draws the adapters' initialisation.
+    """
     if lora is not None and lora.quantize == "4bit":
         check_qlora_available(model_cfg)
-        return apply_lora(_load_4bit(model_cfg, gradient_checkpointing), lora)
-    return prepare_for_training(load_model(model_cfg), lora, gradient_checkpointing=gradient_checkpointing)
+        return apply_lora(_load_4bit(model_cfg, gradient_checkpointing), lora, seed=seed)
+    return prepare_for_training(load_model(model_cfg), lora, gradient_checkpointing=gradient_checkpointing,
+                                seed=seed)
 
 
 def prepare_for_training(
-    model: PreTrainedModel, lora: LoraConfig | None, *, gradient_checkpointing: bool = False
+    model: PreTrainedModel, lora: LoraConfig | None, *, gradient_checkpointing: bool = False,
+    seed: int = 0,
 ) -> PreTrainedModel | PeftModel:
     """LoRA adapters and/or gradient checkpointing on a loaded (or freshly built) model."""
     if lora is not None and lora.quantize == "4bit":
         raise ValueError("lora.quantize: 4bit loads the model quantized: use load_model_for_training")
     if lora is not None:
-        model = apply_lora(model, lora)
+        model = apply_lora(model, lora, seed=seed)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model

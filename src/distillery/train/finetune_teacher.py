@@ -10,9 +10,11 @@ inputs reuses it and any change retrains it.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
+from accelerate import PartialState
 from rich.console import Console
 from transformers import PreTrainedTokenizerBase
 
@@ -90,22 +92,30 @@ def finetune_teacher(
         raise ValueError("teacher_finetune.packing: the objectives do not pass packed rows' "
                          "position_ids/mask to the model yet; set teacher_finetune.packing: false")
     tok = _teacher_tokenizer(teacher, tokenizer)
-    model = load_model_for_training(teacher, ft_cfg.lora, gradient_checkpointing=ft_cfg.gradient_checkpointing)
+    model = load_model_for_training(teacher, ft_cfg.lora, gradient_checkpointing=ft_cfg.gradient_checkpointing,
+                                    seed=ft_cfg.seed)
     dataset = SFTDataset(records, tok, ft_cfg.max_seq_len)
     collate = PackedCollator(tok.pad_token_id, ft_cfg.max_seq_len) if ft_cfg.packing else Collator(tok.pad_token_id)
+    # under `accelerate launch` every process trains its share and the main one alone writes;
+    # the process group is the loop's to set up, so before it the rank comes from the launcher
     tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    console.print(f"fine-tuning the teacher {teacher.path} on {len(dataset)} records for {ft_cfg.steps} steps")
+    if os.environ.get("RANK", "0") == "0":
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        console.print(f"fine-tuning the teacher {teacher.path} on {len(dataset)} records for {ft_cfg.steps} steps")
     result = train_loop(model, SFTObjective(), dataset, collate, ft_cfg,
                         log_path=tmp / "train_log.jsonl", show_progress=show_progress)
     merge = ft_cfg.lora.model_copy(update={"merge": True}) if ft_cfg.lora is not None else None
-    meta = {"fingerprint": fingerprint, "teacher": teacher.path, "teacher_finetune": ft_cfg.model_dump(mode="json"),
-            "records": len(records), "steps": result.steps, "seconds": result.seconds,
-            "final_loss": result.final_loss}
-    save_model(finalize_student(model, merge), tok, tmp, meta=meta)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    console.print(f"saved the fine-tuned teacher {out} (final loss {result.final_loss:.4f})")
+    teacher_ft = finalize_student(model, merge)
+    state = PartialState()
+    if state.is_main_process:
+        meta = {"fingerprint": fingerprint, "teacher": teacher.path,
+                "teacher_finetune": ft_cfg.model_dump(mode="json"), "records": len(records),
+                "steps": result.steps, "seconds": result.seconds, "final_loss": result.final_loss}
+        save_model(teacher_ft, tok, tmp, meta=meta)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+        console.print(f"saved the fine-tuned teacher {out} (final loss {result.final_loss:.4f})")
+    state.wait_for_everyone()
     return out
