@@ -424,3 +424,23 @@ def test_prepare_refuses_packing(tmp_path, reward_module, tiny_tokenizer, record
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"packing": True})})
     with pytest.raises(ValueError, match="packing: false"):
         prepare_reward_training(cfg, records, tiny_tokenizer, tiny(tiny_tokenizer))
+
+
+def test_completions_are_cut_at_max_seq_len_before_scoring(tiny_tokenizer, records):
+    """What is scored is what is trained: no row runs past max_seq_len, the reward sees the cut text."""
+    seen: list[str] = []
+
+    def record_text(prompt, completion, record):
+        seen.append(completion)
+        return float(len(completion))
+
+    rc = RewardConfig(source="function", function="unused:unused", group_size=2, max_new_tokens=30)
+    ds = RewardDataset(records[:3], tiny_tokenizer, 64)
+    objective = RewardObjective(rc, tiny_tokenizer, ds, FunctionReward(record_text), max_seq_len=12)
+    batch = RewardCollator(0)([ds[i] for i in range(3)])
+    cbatch, _ = objective.rollout(batch, tiny(tiny_tokenizer))
+    objective.rewards(cbatch, [0, 0, 1, 1, 2, 2], None)
+    lengths = cbatch["attention_mask"].sum(1).tolist()
+    assert max(lengths) == 12 and cbatch["input_ids"].shape[1] == 12
+    for labels, text in zip(cbatch["labels"].tolist(), seen):
+        assert text == tiny_tokenizer.decode([t for t in labels if t != -100], skip_special_tokens=True)

@@ -331,23 +331,35 @@ class RewardObjective:
     """
 
     def __init__(self, cfg: RewardConfig, tokenizer: PreTrainedTokenizerBase, dataset: RewardDataset,
-                 reward: RewardFn | TeacherLogprobReward, reference: nn.Module | str | None = None) -> None:
+                 reward: RewardFn | TeacherLogprobReward, reference: nn.Module | str | None = None,
+                 max_seq_len: int = 1 << 30) -> None:
         if cfg.kl_weight > 0 and reference is None:
             raise ValueError("train.reward.kl_weight > 0 needs a reference model")
         self.cfg, self.tokenizer, self.dataset, self.reward = cfg, tokenizer, dataset, reward
+        self.max_seq_len = max_seq_len  # prompt + completion; nothing past it is generated or scored
         self.reference = reference if cfg.kl_weight > 0 else None
         self.needs_teacher = isinstance(reward, TeacherLogprobReward)
         self.trainable: list[nn.Module] = []
 
     def rollout(self, batch: dict[str, torch.Tensor], student: nn.Module) -> tuple[dict, list[int]]:
-        """``group_size`` sampled completions per prompt as a continuation batch, and their record indices."""
+        """``group_size`` sampled completions per prompt as a continuation batch, and their record indices.
+
+        Each row is cut at ``max_seq_len`` before it is scored, so what is scored is what is trained.
+        """
         prompts = batch_prompts(batch)
+        for row, prompt in enumerate(prompts):
+            if not prompt:
+                name = record_name(self.dataset.records[int(batch["index"][row])], int(batch["index"][row]))
+                raise ValueError(f"reward: {name} has no prompt tokens before its first assistant token; "
+                                 "the student continues a prompt, so give it a user (or system) turn first")
         g = self.cfg.group_size
+        room = self.max_seq_len - min(map(len, prompts))
         conts = sample_continuations(
-            student, prompts, max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
-            top_p=self.cfg.top_p, eos_token_id=self.tokenizer.eos_token_id,
+            student, prompts, max_new_tokens=max(1, min(self.cfg.max_new_tokens, room)),
+            temperature=self.cfg.temperature, top_p=self.cfg.top_p, eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id, num_return_sequences=g)
         rows = [p for p in prompts for _ in range(g)]
+        conts = [c[: max(1, self.max_seq_len - len(p))] for p, c in zip(rows, conts)]
         index = [int(i) for i in batch["index"] for _ in range(g)]
         return continuation_batch(rows, conts, self.tokenizer.pad_token_id), index
 
@@ -458,5 +470,5 @@ def prepare_reward_training(
         raise ValueError("train.reward.source is 'teacher_logprob' but no teacher model was given")
     dataset = RewardDataset(records, tokenizer, cfg.train.max_seq_len, require_reference=rc.source == "verifier")
     objective = RewardObjective(rc, tokenizer, dataset, build_reward_fn(rc),
-                                build_reference(rc, student, cfg.model, len(tokenizer)))
+                                build_reference(rc, student, cfg.model, len(tokenizer)), cfg.train.max_seq_len)
     return dataset, RewardCollator(tokenizer.pad_token_id), objective
