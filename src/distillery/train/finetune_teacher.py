@@ -61,14 +61,6 @@ def _teacher_tokenizer(teacher: ModelConfig, fallback: PreTrainedTokenizerBase) 
         return fallback
 
 
-def _objectives_read_packed_rows() -> bool:
-    """Whether SFTObjective hands a packed batch's ``position_ids`` to the model."""
-    from distillery.train import objectives
-
-    probe = PackedCollator(0, 4)([{"input_ids": [1, 2], "labels": [1, 2]}])
-    return "position_ids" in objectives._inputs(probe)
-
-
 def finetune_teacher(
     job_cfg: TrainJobConfig, records: list[dict], tokenizer: PreTrainedTokenizerBase,
     show_progress: bool = True,
@@ -88,9 +80,6 @@ def finetune_teacher(
         console.print(f"reusing the fine-tuned teacher {out} (same teacher, config and data)")
         return out
 
-    if ft_cfg.packing and not _objectives_read_packed_rows():
-        raise ValueError("teacher_finetune.packing: the objectives do not pass packed rows' "
-                         "position_ids/mask to the model yet; set teacher_finetune.packing: false")
     tok = _teacher_tokenizer(teacher, tokenizer)
     model = load_model_for_training(teacher, ft_cfg.lora, gradient_checkpointing=ft_cfg.gradient_checkpointing,
                                     seed=ft_cfg.seed)

@@ -10,30 +10,54 @@ launch`` every process runs this function; only the main one writes the model.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from accelerate.utils import set_seed
 from rich.console import Console
+from torch import nn
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
 
 from distillery.config import DataConfig, TrainJobConfig
 from distillery.logits.cache import LogitCache
-from distillery.models import build_model, load_model, load_tokenizer, save_model, train_tokenizer
+from distillery.models import (
+    build_model,
+    check_qlora_available,
+    finalize_student,
+    load_model,
+    load_model_for_training,
+    load_tokenizer,
+    prepare_for_training,
+    save_model,
+    train_tokenizer,
+)
 from distillery.records import ground_truth_records, read_jsonl, validate_sft_records
 from distillery.tasks import load_problems
 from distillery.train.cached import CachedCollator, CachedSFTDataset
 from distillery.train.checkpoint import latest_checkpoint
 from distillery.train.data import Collator, SFTDataset
+from distillery.train.finetune_teacher import finetune_teacher
 from distillery.train.loop import TrainResult, process_state, train_loop
-from distillery.train.objectives import build_objective
+from distillery.train.objectives import Objective, build_objective
+from distillery.train.packing import PackedCollator, check_packing
+from distillery.train.preference import prepare_preference_training
+from distillery.train.reward import prepare_reward_training
+from distillery.train.sampling import unwrap
 
 console = Console(stderr=True)
 
 
-def load_training_records(data: DataConfig) -> list[dict]:
-    """SFT records from a JSONL file, or generated from the task with ground-truth targets."""
+def load_training_records(data: DataConfig, objective: str = "sft") -> list[dict]:
+    """Records from a JSONL file, or generated from the task with ground-truth targets.
+
+    "messages" records for every objective but ``preference``, whose prompt/chosen/rejected
+    records are checked by :func:`~distillery.train.preference.prepare_preference_training`.
+    """
     if data.path is not None:
         records = read_jsonl(data.path)
-        validate_sft_records(records, data.path)
+        if objective != "preference":
+            validate_sft_records(records, data.path)
         return records[: data.num_examples]
     assert data.task is not None
     problems = load_problems(data.task, "train", data.num_examples, seed=data.seed)
@@ -63,29 +87,71 @@ def _prepare_dirs(cfg: TrainJobConfig, resume: bool, main: bool) -> Path:
     return tmp
 
 
+def _tokenizer(cfg: TrainJobConfig, records: list[dict]) -> PreTrainedTokenizerBase:
+    path = cfg.tokenizer.path or cfg.model.path
+    if path:
+        return load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.train.objective == "preference":
+        raise ValueError("objective 'preference' fine-tunes an existing model: set model.path (or tokenizer.path)")
+    return train_tokenizer((m["content"] for r in records for m in r["messages"]), vocab_size=cfg.tokenizer.vocab_size)
+
+
+def _student(cfg: TrainJobConfig, tokenizer: PreTrainedTokenizerBase) -> nn.Module:
+    """The model that trains: loaded or built, then LoRA (QLoRA) and gradient checkpointing."""
+    lora, train = cfg.train.lora, cfg.train
+    if lora is not None and lora.quantize == "4bit":
+        check_qlora_available(cfg.model)  # before anything heavy loads
+    kw = {"gradient_checkpointing": train.gradient_checkpointing, "seed": train.seed}
+    set_seed(train.seed)  # a new model's random init is part of the run, like its data order
+    if cfg.model.path:
+        return load_model_for_training(cfg.model, lora, **kw)
+    return prepare_for_training(build_model(cfg.model, tokenizer), lora, **kw)
+
+
+def training_parts(cfg: TrainJobConfig, records: list[dict], tokenizer: PreTrainedTokenizerBase,
+                   student: nn.Module, teacher: nn.Module | None, show_progress: bool = True,
+                   ) -> tuple[Dataset, Callable, Objective]:
+    """``(dataset, collator, objective)`` for ``cfg.train.objective``."""
+    train, pad = cfg.train, tokenizer.pad_token_id
+    if train.packing:
+        check_packing(train.objective, cached=cfg.teacher_cache is not None,
+                      relation_weight=train.feature.relation_weight)
+    if train.objective == "preference":
+        return prepare_preference_training(cfg, records, tokenizer, student, show_progress=show_progress)
+    if train.objective == "reward":
+        return prepare_reward_training(cfg, records, tokenizer, student, teacher)
+    if cfg.teacher_cache is not None:
+        cache = LogitCache(cfg.teacher_cache)
+        dataset = CachedSFTDataset(records, tokenizer, train.max_seq_len, cache)
+        collator = CachedCollator(pad, k=cache.manifest.k)
+    else:
+        dataset = SFTDataset(records, tokenizer, train.max_seq_len)
+        collator = PackedCollator(pad, train.max_seq_len) if train.packing else Collator(pad)
+    objective = build_objective(train, student=student, teacher=teacher,
+                                cached=cfg.teacher_cache is not None, tokenizer=tokenizer)
+    return dataset, collator, objective
+
+
+def _teacher(cfg: TrainJobConfig, records: list[dict], tokenizer: PreTrainedTokenizerBase,
+             show_progress: bool) -> nn.Module | None:
+    """The live teacher, fine-tuned on the training data first when ``teacher_finetune`` says so."""
+    if cfg.teacher is None:
+        return None
+    teacher_cfg = cfg.teacher
+    if cfg.teacher_finetune is not None:
+        tuned = finetune_teacher(cfg, records, tokenizer, show_progress=show_progress)
+        teacher_cfg = teacher_cfg.model_copy(update={"path": str(tuned)})
+    return load_model(teacher_cfg)
+
+
 def run_train_job(cfg: TrainJobConfig, show_progress: bool = True, resume: bool = False) -> TrainResult:
     """Train the configured model and save it (weights, tokenizer, distillery.json) atomically."""
     state = process_state()
-    records = load_training_records(cfg.data)
-    if cfg.tokenizer.path:
-        tokenizer = load_tokenizer(cfg.tokenizer.path, trust_remote_code=cfg.model.trust_remote_code)
-    elif cfg.model.path:
-        tokenizer = load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    else:
-        texts = (m["content"] for r in records for m in r["messages"])
-        tokenizer = train_tokenizer(texts, vocab_size=cfg.tokenizer.vocab_size)
-    set_seed(cfg.train.seed)  # a new model's random init is part of the run, like its data order
-    model = load_model(cfg.model) if cfg.model.path else build_model(cfg.model, tokenizer)
-    teacher = load_model(cfg.teacher) if cfg.teacher is not None else None
-
-    if cfg.teacher_cache is not None:
-        cache = LogitCache(cfg.teacher_cache)
-        dataset = CachedSFTDataset(records, tokenizer, cfg.train.max_seq_len, cache)
-        collator = CachedCollator(tokenizer.pad_token_id, k=cache.manifest.k)
-    else:
-        dataset = SFTDataset(records, tokenizer, cfg.train.max_seq_len)
-        collator = Collator(tokenizer.pad_token_id)
-    objective = build_objective(cfg.train, student=model, teacher=teacher, cached=cfg.teacher_cache is not None)
+    records = load_training_records(cfg.data, cfg.train.objective)
+    tokenizer = _tokenizer(cfg, records)
+    teacher = _teacher(cfg, records, tokenizer, show_progress)
+    model = _student(cfg, tokenizer)
+    dataset, collator, objective = training_parts(cfg, records, tokenizer, model, teacher, show_progress)
 
     tmp = _prepare_dirs(cfg, resume, state.is_main_process)
     state.wait_for_everyone()
@@ -101,7 +167,7 @@ def run_train_job(cfg: TrainJobConfig, show_progress: bool = True, resume: bool 
     if result.resumed_from and state.is_main_process:
         console.print(f"resumed after step {result.resumed_from}")
     if state.is_main_process:
-        _save_final(cfg, model, tokenizer, tmp, result)
+        _save_final(cfg, finalize_student(unwrap(model), cfg.train.lora), tokenizer, tmp, result)
     state.wait_for_everyone()
     return result
 

@@ -26,6 +26,7 @@ from torch import nn
 from distillery.config import FeatureKDConfig, TrainConfig
 from distillery.losses import FeatureDistiller, LossSpec, distillation_loss, lm_head_inputs
 from distillery.train.data import IGNORE
+from distillery.train.packing import model_inputs
 
 
 class Objective(Protocol):
@@ -49,13 +50,14 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    """Forward kwargs of a batch: padded rows, or packed rows (position ids + block mask)."""
+    return model_inputs(batch)
 
 
 def teacher_inputs(batch: dict[str, torch.Tensor], teacher: nn.Module) -> dict[str, torch.Tensor]:
     """The batch's model inputs on the teacher's device (it may live on another device or the CPU)."""
     device = next(teacher.parameters()).device
-    return {k: v.to(device, non_blocking=True) for k, v in _inputs(batch).items()}
+    return {k: v.to(device, non_blocking=True) for k, v in model_inputs(batch).items()}
 
 
 def _check_vocab(student_vocab: int, teacher_vocab: int) -> None:
@@ -223,9 +225,12 @@ def build_objective(
     student: nn.Module | None = None,
     teacher: nn.Module | None = None,
     cached: bool = False,
+    tokenizer: object | None = None,
     **shorthand: float,
 ) -> Objective:
-    """The objective a config names (``cfg.objective``), built from its ``loss``/``feature`` blocks.
+    """The objective a config names (``cfg.objective``), built from its ``loss``/``feature``/
+    ``on_policy`` blocks. ``preference`` and ``reward`` bring their own datasets: they are set
+    up by :func:`distillery.train.job.training_parts`.
 
     A bare name (``build_objective("logit_kd", kd_ratio=0.5)``) is accepted for quick use.
     """
@@ -242,4 +247,19 @@ def build_objective(
             raise ValueError("feature_kd needs the student and teacher to size its projections")
         _check_layer_map(cfg.feature.layer_map, student.config.num_hidden_layers, teacher.config.num_hidden_layers)
         return FeatureKDObjective(cfg.feature, student.config.hidden_size, teacher.config.hidden_size)
-    raise ValueError(f"unknown objective {cfg.objective!r}; valid: sft, logit_kd, feature_kd")
+    if cfg.objective == "on_policy":
+        from distillery.train.on_policy import OnPolicyObjective
+        from distillery.train.sampling import unwrap
+
+        model_cfg = unwrap(student).config if student is not None else None
+        eos = getattr(tokenizer, "eos_token_id", None) or getattr(model_cfg, "eos_token_id", None)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        pad = pad if pad is not None else getattr(model_cfg, "pad_token_id", None)
+        if eos is None or pad is None:
+            raise ValueError("on_policy samples continuations and needs the tokenizer's eos and pad tokens")
+        return OnPolicyObjective(cfg, eos_token_id=eos, pad_token_id=pad)
+    if cfg.objective in ("preference", "reward"):
+        raise ValueError(f"objective {cfg.objective!r} is built with its dataset: use "
+                         "distillery.train.job.training_parts (or distillery train)")
+    raise ValueError(f"unknown objective {cfg.objective!r}; valid: sft, logit_kd, feature_kd, on_policy, "
+                     "preference, reward")
