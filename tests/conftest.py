@@ -53,3 +53,15 @@ def tiny_teacher(tiny_model_dir):
     from distillery.teachers import HFTeacher
 
     return HFTeacher.from_pretrained(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread runs them ~10× faster than
+    two contended ones. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

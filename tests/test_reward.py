@@ -44,13 +44,7 @@ from distillery.train.sampling import batch_prompts, continuation_batch, sample_
 TASK = {"name": "arithmetic", "num_operands": 2, "digits": [1, 2], "operations": ["+", "-"]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread runs them ~15x faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

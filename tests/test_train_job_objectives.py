@@ -124,3 +124,15 @@ def test_recipes_validate(path):
     if "capture" in path.stem:
         schema = CaptureConfig
     load_config(path, schema)
+
+
+ACCELERATE = sorted(Path("configs/accelerate").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ACCELERATE, ids=[p.stem for p in ACCELERATE])
+def test_accelerate_configs_load(path):
+    """accelerate's own loader reads each launch config (DDP, FSDP2, DeepSpeed ZeRO-2/3)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(path))
+    assert cfg.num_processes > 1 and cfg.distributed_type.name in {"MULTI_GPU", "FSDP", "DEEPSPEED"}

@@ -177,7 +177,12 @@ def lm_head_inputs(
     out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
                 logits_to_keep=1, **model_kwargs)
     head = inner.get_output_embeddings()
-    return out.hidden_states[-1], head.weight, getattr(head, "bias", None)
+    hidden = out.hidden_states[-1]
+    if head.weight.ndim != 2 or head.weight.shape[-1] != hidden.shape[-1]:
+        raise ValueError(
+            f"the lm_head weight is partitioned outside the forward (shape {tuple(head.weight.shape)}, "
+            "e.g. DeepSpeed ZeRO-3): use loss.form dense, ZeRO-2, or FSDP")
+    return hidden, head.weight, getattr(head, "bias", None)
 
 
 def fused_kd_loss_from_model(

@@ -84,8 +84,12 @@ def save_model(
     tokenizer: PreTrainedTokenizerBase,
     output_dir: str | Path,
     meta: dict | None = None,
+    state_dict: dict | None = None,
 ) -> Path:
     """Save a plain HF directory (safetensors + tokenizer), loadable without distillery.
+
+    ``state_dict``: the weights to write instead of the model's own (e.g. gathered from FSDP
+    shards).
 
     A peft model (LoRA, not merged) is saved as base weights + adapter, see
     :func:`distillery.models.lora.save_peft_model`. ``meta`` (e.g. the training config) goes
@@ -98,7 +102,7 @@ def save_model(
     if is_peft_model(model):
         save_peft_model(model, out)
     else:
-        model.save_pretrained(out, safe_serialization=True)
+        model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(out)
     if meta is not None:
         (out / "distillery.json").write_text(json.dumps(meta, indent=2, sort_keys=True))

@@ -177,7 +177,7 @@ def _save_final(cfg: TrainJobConfig, model: object, tokenizer: object, tmp: Path
     meta = {"config": cfg.model_dump(mode="json"), "steps": result.steps, "seconds": result.seconds,
             "final_loss": result.final_loss, "resumed_from": result.resumed_from,
             "task": cfg.data.task.model_dump(mode="json") if cfg.data.task else None}
-    save_model(model, tokenizer, tmp, meta=meta)
+    save_model(model, tokenizer, tmp, meta=meta, state_dict=result.state_dict)
     # replace the old output only once the new one is complete
     if out.exists():
         shutil.rmtree(out)

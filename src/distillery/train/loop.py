@@ -54,6 +54,8 @@ class TrainResult:
     final_loss: float
     history: list[dict] = field(default_factory=list)
     resumed_from: int = 0  # the step a resumed run started after (0 = from scratch)
+    # FSDP: the student's full weights, gathered from the shards (on the main process only)
+    state_dict: dict | None = None
 
 
 def process_state() -> PartialState:
@@ -97,6 +99,21 @@ def _place_teacher(teacher: nn.Module | None, objective: Objective, accelerator:
                 raise ValueError("train.teacher_sharding is 'fsdp' but this run is not launched with FSDP")
             return accelerator.prepare_model(teacher, evaluation_mode=True)
     return teacher.to(accelerator.device) if place else teacher
+
+
+def _check_backend(accelerator: Accelerator, cfg: TrainConfig, objective: Objective,
+                   checkpoint_dir: str | Path | None, resume: bool) -> None:
+    """Refuse, before any step, what a distributed backend cannot do with this loop."""
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        if cfg.grad_accum_steps != 1:
+            raise ValueError("under DeepSpeed, keep train.grad_accum_steps: 1 (the engine accumulates; "
+                             "set gradient_accumulation_steps in the DeepSpeed config)")
+        if getattr(objective, "trainable", []):
+            raise ValueError("feature_kd's projections train outside the DeepSpeed engine: use DDP or FSDP")
+    if kind == DistributedType.FSDP and (resume or cfg.checkpoint.every):
+        raise ValueError("checkpoints/--resume are supported for single-process and DDP runs; under FSDP "
+                         "set train.checkpoint.every: null (the final model is still saved)")
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -150,6 +167,7 @@ def train_loop(
                               project_dir=str(log_dir / "trackers") if log_dir and cfg.trackers else None)
     world, rank = accelerator.num_processes, accelerator.process_index
     check_split(cfg.batch_size, world, cfg.grad_accum_steps)
+    _check_backend(accelerator, cfg, objective, checkpoint_dir, resume)
     extra = [m.to(accelerator.device) for m in getattr(objective, "trainable", [])]
     optimizer = _optimizer(model, extra, cfg)
     # stepped once per optimizer step by us (accelerate's wrapper would step it per process)
@@ -174,15 +192,20 @@ def train_loop(
             tokens_total += n_tokens
             logger.step(step, loss_value, n_tokens, scheduler.get_last_lr()[0], metrics)
             every = cfg.checkpoint.every
-            if checkpoint_dir is not None and ((every and step % every == 0) or step == cfg.steps):
+            resumable = accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU,
+                                                         DistributedType.MULTI_GPU)
+            if resumable and checkpoint_dir is not None and ((every and step % every == 0) or step == cfg.steps):
                 save_checkpoint(checkpoint_dir, step, **parts, barrier=accelerator.wait_for_everyone,
                                 keep_last=cfg.checkpoint.keep_last,
                                 state={"tokens": tokens_total, "run_config": run_config})
     accelerator.wait_for_everyone()
+    # sharded weights are gathered by every process together, then saved by the main one
+    full = accelerator.get_state_dict(model) if accelerator.distributed_type == DistributedType.FSDP else None
     for tracker in accelerator.trackers:  # not end_training(): it would end the process group
         tracker.finish()
     return TrainResult(steps=cfg.steps, seconds=logger.seconds, tokens=tokens_total,
-                       final_loss=loss_value, history=logger.history, resumed_from=start_step)
+                       final_loss=loss_value, history=logger.history, resumed_from=start_step,
+                       state_dict=full)
 
 
 def _step(step: int, model: nn.Module, objective: Objective, teacher: nn.Module | None,
@@ -191,6 +214,9 @@ def _step(step: int, model: nn.Module, objective: Objective, teacher: nn.Module 
           ) -> tuple[float, int, dict[str, float]]:
     """One optimizer step over the global batch of ``step``; returns (mean loss, tokens, metrics)."""
     world, rank = accelerator.num_processes, accelerator.process_index
+    # DeepSpeed keeps gradients in its own partitioned buffers: no count weighting there, each
+    # micro-batch's mean is averaged by the engine (see _check_backend)
+    weighted = accelerator.distributed_type != DistributedType.DEEPSPEED
     indices = global_batch(len(dataset), cfg.batch_size, cfg.seed, step - 1)
     shares = micro_batches(indices, rank, world, cfg.grad_accum_steps)
     local = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss·count, count, tokens
@@ -202,7 +228,7 @@ def _step(step: int, model: nn.Module, objective: Objective, teacher: nn.Module 
         with sync:
             loss, metrics = objective.loss(batch, model, teacher)
             count = float(metrics.get("count", metrics.get("tokens", 1.0)))
-            accelerator.backward(loss * count)
+            accelerator.backward(loss * count if weighted else loss)
         local += torch.tensor([loss.item() * count, count, float(batch["attention_mask"].sum())],
                               dtype=torch.float64, device=accelerator.device)
         for k, v in metrics.items():  # a metric is averaged over the micro-batches that report it
@@ -210,7 +236,8 @@ def _step(step: int, model: nn.Module, objective: Objective, teacher: nn.Module 
             metric_sums[k] = (total_v + float(v) * count, total_c + count)
     total = accelerator.reduce(local, reduction="sum") if world > 1 else local
     loss_sum, count, tokens = total.tolist()
-    _scale_gradients(model, extra, world / max(count, 1e-12), world, accelerator)
+    if weighted:
+        _scale_gradients(model, extra, world / max(count, 1e-12), world, accelerator)
     if cfg.grad_clip:
         accelerator.clip_grad_norm_([p for m in [model, *extra] for p in m.parameters()], cfg.grad_clip)
     optimizer.step()
