@@ -24,9 +24,7 @@ for a LoRA student the same model with its adapters disabled (no copy).
 
 from __future__ import annotations
 
-import copy
 import gc
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,12 +36,11 @@ from rich.progress import Progress
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from distillery.config import ModelConfig, PreferenceConfig, TrainConfig, TrainJobConfig
+from distillery.config import PreferenceConfig, TrainConfig, TrainJobConfig
 from distillery.losses.forms import cross_entropy_per_token
-from distillery.models import load_model
 from distillery.records import RecordError
 from distillery.train.data import IGNORE, Collator, tokenize_messages
-from distillery.train.sampling import unwrap
+from distillery.train.reference import adapters_off, reference_for
 
 console = Console(stderr=True)
 
@@ -220,7 +217,8 @@ def pair_losses(cfg: PreferenceConfig, logps: torch.Tensor, tokens: torch.Tensor
 # --------------------------------------------------------------------------- reference
 
 
-Reference = Callable[[dict[str, torch.Tensor], nn.Module], torch.Tensor]
+ReferenceScorer = Callable[[dict[str, torch.Tensor], nn.Module], torch.Tensor]
+"""``(batch, student) -> [rows]``: the reference's summed response log-probs of a batch."""
 
 
 @torch.no_grad()
@@ -251,17 +249,11 @@ class AdapterOffReference:
 
     def __call__(self, batch: dict[str, torch.Tensor], student: nn.Module) -> torch.Tensor:
         # the (possibly DDP-wrapped) student runs the forward; the switch lives on the peft model
-        with unwrap(student).disable_adapter():
+        with adapters_off(student):
             return _score(student, batch)
 
 
-def _is_peft(model: nn.Module) -> bool:
-    """Whether the (possibly DDP-wrapped) model is a peft model, whose adapters can be switched off."""
-    peft = sys.modules.get("peft")  # never imported: no model can be a peft model
-    return peft is not None and isinstance(unwrap(model), peft.PeftModel)
-
-
-def precompute_reference_logps(dataset: PreferenceDataset, reference: Reference, student: nn.Module,
+def precompute_reference_logps(dataset: PreferenceDataset, reference: ReferenceScorer, student: nn.Module,
                                pad_id: int, batch_pairs: int = 16, show_progress: bool = True) -> None:
     """One pass over ``dataset`` storing ``ref_chosen_logps``/``ref_rejected_logps`` in its items."""
     collate = PreferenceCollator(pad_id)
@@ -294,7 +286,7 @@ class PreferenceObjective:
 
     needs_teacher = False
 
-    def __init__(self, cfg: PreferenceConfig, reference: Reference | None = None) -> None:
+    def __init__(self, cfg: PreferenceConfig, reference: ReferenceScorer | None = None) -> None:
         self.cfg = cfg
         self.reference = reference
         self.trainable: list[nn.Module] = []
@@ -346,15 +338,8 @@ def _check(train: TrainConfig) -> None:
                          "rows scored side by side): set train.packing: false")
 
 
-def _reference_model_config(cfg: TrainJobConfig | TrainConfig, path: str, device: torch.device) -> ModelConfig:
-    """How to load ``reference_path``: the job's model settings (dtype, remote code) on the student's device."""
-    if isinstance(cfg, TrainJobConfig):
-        return cfg.model.model_copy(update={"path": path, "device": str(device)})
-    return ModelConfig(path=path, device=str(device))
-
-
 def build_reference(cfg: TrainJobConfig | TrainConfig, student: nn.Module, tokenizer: PreTrainedTokenizerBase,
-                    copy_student: bool) -> Reference:
+                    copy_student: bool) -> ReferenceScorer:
     """The dpo/ipo reference: ``reference_path`` if set, else the student as it starts.
 
     The student as it starts is, for a peft (LoRA) student, the student with adapters off;
@@ -362,21 +347,10 @@ def build_reference(cfg: TrainJobConfig | TrainConfig, student: nn.Module, token
     while the student trains) or the student itself (a precompute pass before step 1).
     """
     train = cfg.train if isinstance(cfg, TrainJobConfig) else cfg
-    path = train.preference.reference_path
-    if path is not None:
-        device = next(student.parameters()).device
-        model = load_model(_reference_model_config(cfg, path, device)).eval().requires_grad_(False)
-        vocab = model.get_output_embeddings().weight.shape[0]
-        if vocab < len(tokenizer):
-            raise ValueError(f"train.preference.reference_path {path}: its vocabulary ({vocab}) is smaller "
-                             f"than the student's tokenizer ({len(tokenizer)}): the reference must share "
-                             "the student's tokenizer")
-        return ModelReference(model)
-    if _is_peft(student):
-        return AdapterOffReference()
-    if copy_student:
-        return ModelReference(copy.deepcopy(unwrap(student)).eval().requires_grad_(False))
-    return ModelReference(student)
+    model_cfg = cfg.model if isinstance(cfg, TrainJobConfig) else None
+    ref = reference_for(student, train.preference.reference_path, "train.preference.reference_path",
+                        model_cfg, len(tokenizer), copy_student=copy_student)
+    return ModelReference(ref) if isinstance(ref, nn.Module) else AdapterOffReference()
 
 
 def prepare_preference_training(

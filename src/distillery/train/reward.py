@@ -16,7 +16,6 @@ gradient is exactly the one of this loss. See docs/training/reward.md.
 
 from __future__ import annotations
 
-import copy
 import importlib
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -30,10 +29,10 @@ from distillery.elicit.engine import MalformedOutput
 from distillery.elicit.feedback import parse_grade
 from distillery.elicit.self_knowledge import verify_answer
 from distillery.elicit.templates import builtin, render
-from distillery.models import load_model
 from distillery.teachers import SamplingParams, Teacher, build_teacher
 from distillery.train.data import IGNORE, Collator, tokenize_messages
 from distillery.train.objectives import teacher_inputs
+from distillery.train.reference import Reference, reference_for, reference_model
 from distillery.train.sampling import (
     batch_prompts,
     continuation_batch,
@@ -325,13 +324,13 @@ class RewardCollator(Collator):
 class RewardObjective:
     """Sample groups, score them, step along the group-baseline policy gradient (see module doc).
 
-    ``reference``: the frozen KL anchor (a model), ``"adapters_off"`` (the student is a peft
-    model: its base with adapters disabled), or None (no KL term). ``loss`` is a mean over the
-    batch's completion tokens (``metrics["count"]``).
+    ``reference``: the KL anchor, a :data:`~distillery.train.reference.Reference` (a frozen
+    model, or ``"adapters_off"``: the peft student's base with adapters disabled), or None (no
+    KL term). ``loss`` is a mean over the batch's completion tokens (``metrics["count"]``).
     """
 
     def __init__(self, cfg: RewardConfig, tokenizer: PreTrainedTokenizerBase, dataset: RewardDataset,
-                 reward: RewardFn | TeacherLogprobReward, reference: nn.Module | str | None = None,
+                 reward: RewardFn | TeacherLogprobReward, reference: Reference | None = None,
                  max_seq_len: int = 1 << 30) -> None:
         if cfg.kl_weight > 0 and reference is None:
             raise ValueError("train.reward.kl_weight > 0 needs a reference model")
@@ -404,16 +403,13 @@ class RewardObjective:
     @torch.no_grad()
     def reference_logprobs(self, cbatch: dict[str, torch.Tensor], student: nn.Module) -> torch.Tensor:
         """log π_ref of the sampled tokens ``[rows, seq-1]`` (same temperature as the policy)."""
-        if self.reference == "adapters_off":
-            model = unwrap(student)
-            with model.disable_adapter():
-                return token_logprobs(model, cbatch, self.cfg.temperature)[0]
         ref = self.reference
-        assert isinstance(ref, nn.Module)
         device = cbatch["input_ids"].device
-        if next(ref.parameters()).device != device:
-            self.reference = ref = ref.to(device)  # the loop may move the student after we copied it
-        return token_logprobs(ref, cbatch, self.cfg.temperature)[0]
+        if isinstance(ref, nn.Module) and next(ref.parameters()).device != device:
+            ref.to(device)  # the loop may move the student after we copied it
+        # adapters off: the unwrapped peft model runs the forward, not a DDP wrapper around it
+        with reference_model(ref, unwrap(student)) as model:
+            return token_logprobs(model, cbatch, self.cfg.temperature)[0]
 
 
 # --------------------------------------------------------------------------- wiring
@@ -433,21 +429,12 @@ def build_reward_fn(cfg: RewardConfig) -> RewardFn | TeacherLogprobReward:
 
 
 def build_reference(cfg: RewardConfig, student: nn.Module, model_cfg: ModelConfig,
-                    vocab_size: int) -> nn.Module | str | None:
-    """The KL anchor: ``reference_path``, the peft student's base (adapters off), or a frozen copy."""
+                    vocab_size: int) -> Reference | None:
+    """The KL anchor (None without a KL term): ``reference_path`` on the student's device, the peft
+    student's base (:data:`~distillery.train.reference.ADAPTERS_OFF`), or a frozen copy."""
     if cfg.kl_weight == 0:
         return None
-    if cfg.reference_path is not None:
-        ref = load_model(model_cfg.model_copy(update={"path": cfg.reference_path}))
-        if ref.config.vocab_size < vocab_size:
-            raise ValueError(f"train.reward.reference_path {cfg.reference_path}: its vocabulary "
-                             f"({ref.config.vocab_size}) is smaller than the student's tokenizer "
-                             f"({vocab_size}): the reference must share the student's tokenizer")
-    elif hasattr(unwrap(student), "disable_adapter") and hasattr(unwrap(student), "peft_config"):
-        return "adapters_off"
-    else:
-        ref = copy.deepcopy(unwrap(student))
-    return ref.eval().requires_grad_(False)
+    return reference_for(student, cfg.reference_path, "train.reward.reference_path", model_cfg, vocab_size)
 
 
 def prepare_reward_training(
