@@ -153,7 +153,7 @@ def test_length_biased_judge_is_corrected_by_length_control(strong, tmp_path):
     assert lc.slope > 1.0 and lc.raw == pytest.approx(raw.rate)
     summary = pairwise_summary(comps, [len(x.answer) for x in a], [len(x.answer) for x in b], resamples=200)
     assert summary["length_controlled"]["rate"] == pytest.approx(lc.rate)
-    assert summary["position_bias_rate"] == 0.0
+    assert summary["position_bias_rate"] == 0.0 and summary["position_bias_n"] == len(comps)
 
 
 def test_judge_killed_mid_run_resumes_without_repeating_calls(strong, weak, tmp_path):

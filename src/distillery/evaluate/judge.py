@@ -464,7 +464,8 @@ def pairwise_summary(comparisons: Sequence[Comparison], len_a: Sequence[float] |
                      len_b: Sequence[float] | None = None, resamples: int = 10000, seed: int = 0) -> dict:
     """Everything a report shows about one pairwise comparison, JSON-able."""
     out = {"win_rate": win_rate(comparisons, resamples, seed=seed).to_dict(),
-           "position_bias_rate": position_bias_rate(comparisons)}
+           "position_bias_rate": position_bias_rate(comparisons),
+           "position_bias_n": sum(c.a_first is not None and c.b_first is not None for c in comparisons)}
     if len_a is not None and len_b is not None:
         out["length_controlled"] = length_controlled_win_rate(
             comparisons, len_a, len_b, min(resamples, 1000), seed=seed).to_dict()
