@@ -10,7 +10,8 @@ otherwise, so the report can say what was checked as well as what went wrong):
 * :func:`check_format_failures`: answers the extractor could not find, counted apart from wrong
   answers — a low score may be a formatting problem, not a knowledge problem;
 * :func:`check_position_bias`: how often the pairwise judge's verdict follows the position of a
-  reply rather than the reply — a judge above ~20% is grading the layout.
+  reply rather than the reply (same position named in both orders) — above ~20% it is
+  grading the layout.
 
 :func:`run_pitfall_checks` runs those whose inputs are given; :func:`format_pitfalls` writes
 the markdown block for report.md.
@@ -68,8 +69,9 @@ def ngram_overlap(train_texts: Iterable[str], eval_texts: Sequence[str], n: int 
     """Per eval text, the share of its word ``n``-grams found in any training text.
 
     Tokens and grams are those of :func:`distillery.elicit.filters.decontaminate` (lowercase
-    words and single punctuation/operator signs), so an item flagged here (overlap > 0) is one
-    whose text the generate stage's decontamination filter would have kept out of training.
+    words and single punctuation/operator signs): an item has overlap > 0 exactly when that
+    filter, given the item, rejects a record whose prompt is one of ``train_texts``. (The
+    filter looks at prompts only; pass prompt and response here to catch restated problems.)
     Training texts are streamed once; memory is the eval side's grams.
     """
     if n < 1:
@@ -115,9 +117,10 @@ def check_contamination(
                "threshold": threshold, "flagged": flagged, "overlap": overlap}
     if share > threshold:
         shown = ", ".join(map(str, flagged[:5])) + (", ..." if len(flagged) > 5 else "")
-        message = (f"{len(flagged)} of {len(texts)} eval items ({share:.1%}) share a {n}-gram with "
-                   f"the training data (e.g. {shown}): their scores may measure recall, not skill. "
-                   "Decontaminate the training data (filters.decontaminate_n) or drop these items.")
+        message = (f"{len(flagged)} of {len(texts)} eval items ({share:.1%}) share a {n}-gram (a shorter "
+                   f"item: its whole text) with the training data (e.g. {shown}): their scores may "
+                   "measure recall, not skill. Decontaminate the training data (generate's "
+                   "filters.decontaminate_n) or drop these items.")
         return Pitfall("contamination", "warning", message, figures)
     return Pitfall("contamination", "ok",
                    f"{len(flagged)} of {len(texts)} eval items share a {n}-gram with the training data.",
@@ -231,19 +234,22 @@ def check_format_failures(per_model_counts: Mapping[str, Mapping[str, int]], thr
 def check_position_bias(rate: float, threshold: float = 0.2, n: int | None = None) -> Pitfall:
     """Warn when the pairwise judge's position-bias ``rate`` exceeds ``threshold``.
 
-    ``rate``: the share of pairs whose verdict changed when the two replies swapped places (as
-    the judge reports it); ``n``: how many pairs it is measured on, shown beside it.
+    ``rate``: :func:`distillery.evaluate.judge.position_bias_rate`, the share of pairs (judged
+    in both orders) where the judge named the same position both times, i.e. followed the
+    position rather than the reply; ``n``: how many pairs it is measured on (the judge's
+    ``position_bias_n``).
     """
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"position-bias rate must be in [0, 1], got {rate}")
     figures = {"rate": rate, "threshold": threshold, "n": n}
-    on = f" on {n} pairs" if n is not None else ""
+    pairs = f"{n} pairs" if n is not None else "pairs"
     if rate > threshold:
-        message = (f"the judge changed its verdict with the order of the replies on {rate:.1%} of pairs{on} "
-                   f"(above {threshold:.0%}): its win rates hold only because both orders are averaged; "
-                   "consider a stronger judge or a reference-guided rubric.")
+        message = (f"the judge named the same position in both orders (followed the position, not the reply) on {rate:.1%} of {pairs} "
+                   f"(above {threshold:.0%}): its single-order verdicts say more about position than "
+                   "quality; trust only win rates averaged over both orders, or use a stronger judge "
+                   "or a reference-guided rubric.")
         return Pitfall("position_bias", "warning", message, figures)
-    return Pitfall("position_bias", "ok", f"judge position-bias rate {rate:.1%}{on}.", figures)
+    return Pitfall("position_bias", "ok", f"judge position-bias rate {rate:.1%} of {pairs}.", figures)
 
 
 # --------------------------------------------------------------------------- all checks, and the report block
