@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from html import unescape
 from pathlib import Path
 
 import yaml
@@ -57,9 +58,16 @@ def test_demo_pipeline_end_to_end_then_resumes(tmp_path):
         lo, hi = m["ci95"]
         assert lo <= m["accuracy"] <= hi
         assert m["tokens_per_s"] > 0 and isinstance(m["params"], int) and m["params"] > 0
+        # the speed probe's figures, per model
+        assert m["ttft_s"] > 0 and m["decode_tokens_per_s_batched"] > 0 and m["peak_memory_mb"] > 0
+        assert m["tokens_per_s"] == m["decode_tokens_per_s_batch1"]
     assert metrics["n_eval"] == 30 and metrics["task"].startswith("arithmetic")
     assert (run_dir / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     assert "student_distilled" in (run_dir / "report.md").read_text()
+    assert "keeps" in metrics["scorecard"]["student_distilled"]["sentence"] or metrics["models"]["teacher"]["accuracy"] == 0
+    html = unescape((run_dir / "report.html").read_text())
+    assert metrics["scorecard"]["student_distilled"]["sentence"] in html and html.count("data:image/png;base64,") == 3
+    assert "How each model was made" in html  # the pipeline's own sections, kept for `distillery report`
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert resolved["train"]["lr"] == 0.004  # the override, recorded in the run
     # the students are plain HF directories

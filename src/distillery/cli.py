@@ -79,6 +79,26 @@ def run(args: list[str] = typer.Argument(None, help="[CONFIG] [key.sub=value ...
 
 
 @app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="A run directory that `distillery run` wrote (holds metrics.json)."),
+    resamples: int = typer.Option(None, min=100, help="Bootstrap resamples (default: the run's eval.bootstrap_resamples)."),
+) -> None:
+    """Rebuild report.md, report.html and the plots from RUN_DIR/metrics.json, without re-evaluating."""
+    import yaml
+
+    from distillery.evaluate.report import build_report
+
+    saved = run_dir / "config.yaml"  # the run's own settings, so the rebuilt intervals match its report
+    evaluation = (yaml.safe_load(saved.read_text()) or {}).get("eval", {}) if saved.is_file() else {}
+    try:
+        build_report(run_dir, resamples=resamples or evaluation.get("bootstrap_resamples", 10000),
+                     seed=evaluation.get("seed", 0))
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        _fail(exc)
+    console.print(f"wrote {run_dir / 'report.md'} and {run_dir / 'report.html'}")
+
+
+@app.command()
 def train(
     args: list[str] = typer.Argument(..., help="CONFIG [key.sub=value ...]"),
     resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint"),

@@ -28,8 +28,8 @@ from distillery.config import (
 )
 from distillery.elicit import label_problems
 from distillery.evaluate import bootstrap_ratio, evaluate_model, paired_bootstrap_diff
-from distillery.evaluate.report import plot_accuracy, plot_losses, write_metrics, write_report_md
-from distillery.evaluate.run import measure_speed
+from distillery.evaluate.report import NOTES_FILE, build_report, write_metrics
+from distillery.evaluate.run import probe_speed
 from distillery.losses import LossSpec
 from distillery.models import read_meta
 from distillery.records import JsonlWriter, ground_truth_records, read_jsonl, write_json_atomic
@@ -179,7 +179,7 @@ def evaluate_all(cfg: RunConfig, run_dir: Path, models: dict[str, tuple[Path, st
         if stage.done(fp, path):
             res = json.loads(path.read_text())
             # accuracy is reused; speed is measured again so all models' figures share a run
-            res["tokens_per_s"] = measure_speed(teacher, problems, cfg.eval)
+            res.update(probe_speed(teacher, problems, cfg.eval))
         else:
             console.rule(f"evaluate {name} on {len(problems)} held-out problems")
             res = evaluate_model(teacher, problems, cfg.eval)
@@ -214,7 +214,7 @@ def write_report(
     cfg: RunConfig, run_dir: Path, results: dict[str, dict], students: dict, data: dict[str, Path],
     teacher_dir: Path,
 ) -> dict:
-    """metrics.json, accuracy.png, loss_curves.png and report.md from the evaluation results."""
+    """metrics.json (with the scorecard and pitfall checks), the plots, report.md and report.html."""
     comparisons = {}
     names = list(cfg.students)
     base = next((n for n in names if cfg.students[n].data == "ground_truth"), None)
@@ -236,11 +236,9 @@ def write_report(
         run_dir / "metrics.json", results, task=_task_name(cfg), n_eval=cfg.eval.num_problems,
         extra={"comparisons": comparisons},
     )
-    plot_accuracy(metrics["models"], run_dir / "accuracy.png")
-    histories = {n: read_jsonl(d / "train_log.jsonl") for n, (d, _) in students.items()
-                 if (d / "train_log.jsonl").is_file()}
-    plot_losses(histories, run_dir / "loss_curves.png")
-    write_report_md(run_dir / "report.md", metrics, _report_sections(cfg, metrics, results, data, teacher_dir))
+    header, *notes = _report_sections(cfg, metrics, results, data, teacher_dir)
+    (run_dir / NOTES_FILE).write_text("\n\n".join(notes) + "\n")
+    metrics = build_report(run_dir, header, cfg.eval.bootstrap_resamples, cfg.eval.seed)
     return metrics
 
 

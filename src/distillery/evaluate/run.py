@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import statistics
-import time
-from dataclasses import replace
-
 from rich.progress import Progress
 
 from distillery.config import EvalConfig
+from distillery.evaluate.speed import measure_speed
 from distillery.evaluate.stats import bootstrap_ci
-from distillery.models import count_params
 from distillery.tasks import Problem, extract_answer, normalize_answer
 from distillery.teachers import HFTeacher, SamplingParams
+from distillery.train.data import prompt_text
 
 
 def evaluate_model(
@@ -20,9 +17,11 @@ def evaluate_model(
 ) -> dict:
     """Accuracy (with a bootstrap 95% CI), answer-format failures, tokens/s and parameters.
 
-    Decoding is greedy. ``tokens_per_s`` is decode speed at batch 1 (what a user waiting on one
-    answer sees), measured on ``cfg.speed_prompts`` prompts; ``tokens_per_s_batched`` is the
-    throughput of the evaluation batches themselves.
+    Decoding is greedy. The speed probe's figures (:func:`probe_speed`: ``tokens_per_s`` = decode
+    speed at batch 1, what a user waiting on one answer sees, ``ttft_s``,
+    ``decode_tokens_per_s_batched``, ``peak_memory_mb``, ``params``) are measured on
+    ``cfg.speed_prompts`` prompts; ``tokens_per_s_batched`` is the throughput of the evaluation
+    batches themselves.
     """
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0, seed=cfg.seed)
     convs = [[{"role": "user", "content": p.prompt}] for p in problems]
@@ -42,8 +41,7 @@ def evaluate_model(
     return {
         "accuracy": acc,
         "ci95": [lo, hi],
-        "tokens_per_s": measure_speed(teacher, problems, cfg),
-        "params": count_params(teacher.model),
+        **probe_speed(teacher, problems, cfg),
         "tokens_per_s_batched": batched_tps,
         "no_answer": no_answer,
         "n": len(problems),
@@ -51,32 +49,11 @@ def evaluate_model(
     }
 
 
-def measure_speed(teacher: HFTeacher, problems: list[Problem], cfg: EvalConfig) -> float:
-    """Batch-1 decode tokens/s on the first ``cfg.speed_prompts`` problems (see below)."""
+def probe_speed(teacher: HFTeacher, problems: list[Problem], cfg: EvalConfig) -> dict:
+    """:func:`distillery.evaluate.speed.measure_speed` on the first ``cfg.speed_prompts`` problems,
+    rendered as the model sees them, ``cfg.max_new_tokens`` tokens each, batched probe at
+    ``cfg.batch_size``; ``tokens_per_s`` (metrics.json's batch-1 figure) is its batch-1 decode rate."""
     convs = [[{"role": "user", "content": p.prompt}] for p in problems[: cfg.speed_prompts]]
-    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0, seed=cfg.seed)
-    return batch1_tokens_per_s(teacher, convs, params)
-
-
-def batch1_tokens_per_s(
-    teacher: HFTeacher, convs: list[list[dict]], params: SamplingParams, repeats: int = 3
-) -> float:
-    """Decode tokens per second generating one prompt at a time (after one warm-up call).
-
-    Every prompt decodes exactly ``params.max_new_tokens`` tokens (past the end token), so a
-    model that answers in 3 tokens and one that writes a 30-token chain are timed on the same
-    work: the per-call overhead does not make short answers look slow.
-    The median of ``repeats`` passes is returned, so one pass slowed by another process on a
-    shared machine does not set the figure.
-    """
-    params = replace(params, min_new_tokens=params.max_new_tokens, n=1)
-    teacher.generate(convs[:1], params, batch_size=1)  # warm-up: first-call allocations
-    rates = []
-    for _ in range(repeats):
-        tokens, start = 0, time.perf_counter()
-        for conv in convs:
-            tokens += teacher.generate([conv], params, batch_size=1)[0][0].num_tokens
-        rates.append(tokens / (time.perf_counter() - start))
-    return float(statistics.median(rates))
-
-
+    prompts = [prompt_text(c, teacher.tokenizer) for c in convs]
+    probe = measure_speed(teacher.model, teacher.tokenizer, prompts, max(cfg.max_new_tokens, 2), cfg.batch_size)
+    return {"tokens_per_s": probe["decode_tokens_per_s_batch1"], **probe}
