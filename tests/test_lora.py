@@ -241,6 +241,10 @@ def test_teacher_finetune_is_reused_and_retrained_on_change(tmp_path, model_cfg,
     assert finetune_teacher(job, records, tiny_tokenizer, show_progress=False) == out
     assert (weights.stat().st_mtime_ns, read_meta(out)["fingerprint"]) == first  # reused
     print(f"\nreuse took {time.perf_counter() - start:.2f}s")
+    # the same task records made again (new meta.created): same conversations, still reused
+    remade = [{**r, "meta": {**r.get("meta", {}), "created": "2099-01-01T00:00:00"}} for r in records]
+    finetune_teacher(job, remade, tiny_tokenizer, show_progress=False)
+    assert (weights.stat().st_mtime_ns, read_meta(out)["fingerprint"]) == first
 
     changed = _job(tmp_path, model_cfg, task_cfg, steps=4)
     assert finetune_teacher(changed, records, tiny_tokenizer, show_progress=False) == out

@@ -49,8 +49,13 @@ def _files_signature(path: str) -> list[tuple[str, int, int]] | str:
 
 
 def finetune_fingerprint(teacher: ModelConfig, ft_cfg: TrainConfig, records: list[dict]) -> str:
-    """What the fine-tuned teacher depends on: the teacher (config and files), the config, the data."""
-    return config_hash(teacher, _files_signature(teacher.path), ft_cfg, records)
+    """What the fine-tuned teacher depends on: the teacher (config and files), the config, the data.
+
+    Only the conversations count: provenance in ``meta`` (e.g. a record's creation time)
+    does not change what the teacher learns.
+    """
+    texts = [r.get("messages") for r in records]
+    return config_hash(teacher, _files_signature(teacher.path), ft_cfg, texts)
 
 
 def _teacher_tokenizer(teacher: ModelConfig, fallback: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:

@@ -124,6 +124,8 @@ def _resume(checkpoint_dir: Path, run_config: dict | None, **parts: Any) -> dict
     """Load the newest checkpoint; refuse one written by a run with another config."""
     path = latest_checkpoint(checkpoint_dir)
     if path is None:
+        if PartialState().is_main_process:
+            print(f"--resume: no checkpoint in {checkpoint_dir}, starting from step 1", flush=True)
         return {"step": 0, "tokens": 0}
     meta = load_checkpoint(path, **parts)
     if run_config is not None and meta.get("run_config") is not None:
