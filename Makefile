@@ -38,6 +38,7 @@ bench: $(DEV_STAMP)
 	$(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python bench/kd_loss.py
 	$(BIN)/python bench/generate.py
+	$(BIN)/python bench/train_step.py
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check src tests bench
