@@ -79,17 +79,27 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [value for _, value in iter_jsonl(path)]
 
 
+ROLES = ("system", "user", "assistant")
+
+
+def check_messages(msgs: object, where: str, key: str = "messages") -> None:
+    """``msgs`` (the record's ``key``) is a non-empty list of ``{"role", "content"}`` with
+    known roles and string contents; an error starts with ``where`` (file and record)."""
+    if not isinstance(msgs, list) or not msgs:
+        raise RecordError(f'{where}: needs a non-empty "{key}" list of messages '
+                          '([{"role": ..., "content": ...}])')
+    for m in msgs:
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise RecordError(f'{where}: each "{key}" message needs role system/user/assistant')
+        if not isinstance(m.get("content"), str):
+            raise RecordError(f'{where}: "{key}" message "content" must be a string')
+
+
 def validate_sft_records(records: list[dict], source: str) -> None:
     """Check the "messages" contract: roles, string contents, a final assistant turn."""
     for i, rec in enumerate(records, 1):
         msgs = rec.get("messages")
-        if not isinstance(msgs, list) or not msgs:
-            raise RecordError(f'{source}: record {i}: needs a non-empty "messages" list')
-        for m in msgs:
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-                raise RecordError(f"{source}: record {i}: each message needs role system/user/assistant")
-            if not isinstance(m.get("content"), str):
-                raise RecordError(f'{source}: record {i}: message "content" must be a string')
+        check_messages(msgs, f"{source}: record {i}")
         if msgs[-1]["role"] != "assistant":
             raise RecordError(f"{source}: record {i}: the last message must be the assistant's")
 

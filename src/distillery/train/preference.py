@@ -38,28 +38,15 @@ from transformers import PreTrainedTokenizerBase
 
 from distillery.config import PreferenceConfig, TrainConfig, TrainJobConfig
 from distillery.losses.forms import cross_entropy_per_token
-from distillery.records import RecordError
+from distillery.records import RecordError, check_messages
 from distillery.train.data import IGNORE, Collator, tokenize_messages
 from distillery.train.reference import adapters_off, reference_for
 
 console = Console(stderr=True)
 
 SIDES = ("chosen", "rejected")
-ROLES = ("system", "user", "assistant")
 
 # --------------------------------------------------------------------------- records
-
-
-def _check_messages(msgs: object, where: str, key: str) -> None:
-    """A non-empty list of ``{"role", "content"}`` with known roles and string contents."""
-    if not isinstance(msgs, list) or not msgs:
-        raise RecordError(f'{where}: needs a non-empty "{key}" list of messages '
-                          '([{"role": ..., "content": ...}])')
-    for m in msgs:
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise RecordError(f'{where}: each "{key}" message needs role system/user/assistant')
-        if not isinstance(m.get("content"), str):
-            raise RecordError(f'{where}: "{key}" message "content" must be a string')
 
 
 def validate_preference_records(records: list[dict], source: str) -> None:
@@ -77,11 +64,11 @@ def validate_preference_records(records: list[dict], source: str) -> None:
         if "messages" in rec and "prompt" not in rec:
             raise RecordError(f'{where}: is an SFT "messages" record; preference training needs '
                               '"prompt", "chosen" and "rejected" (e.g. from the feedback method)')
-        _check_messages(rec.get("prompt"), where, "prompt")
+        check_messages(rec.get("prompt"), where, "prompt")
         if rec["prompt"][-1]["role"] != "user":
             raise RecordError(f'{where}: the last "prompt" message must be the user\'s')
         for side in SIDES:
-            _check_messages(rec.get(side), where, side)
+            check_messages(rec.get(side), where, side)
             if rec[side][0]["role"] != "assistant" or rec[side][-1]["role"] != "assistant":
                 raise RecordError(f'{where}: "{side}" must start and end with an assistant message')
 
