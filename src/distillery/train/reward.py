@@ -29,6 +29,7 @@ from distillery.elicit.engine import MalformedOutput
 from distillery.elicit.feedback import parse_grade
 from distillery.elicit.self_knowledge import verify_answer
 from distillery.elicit.templates import builtin, render
+from distillery.losses.forms import cross_entropy_per_token
 from distillery.teachers import SamplingParams, Teacher, build_teacher
 from distillery.train.data import IGNORE, Collator, tokenize_messages
 from distillery.train.objectives import teacher_inputs
@@ -233,14 +234,15 @@ def token_logprobs(
     """log π(x_{t+1} | x_≤t) of every next token ``[rows, seq-1]`` and its mask (labels ≠ IGNORE).
 
     ``model`` sees ``input_ids``/``attention_mask`` ``[rows, seq]``; logits are divided by
-    ``temperature`` (the distribution the samples were drawn from) and taken in float32 at least.
+    ``temperature`` (the distribution the samples were drawn from) and taken in float32 at least,
+    at the labeled positions only (``[labeled tokens, vocab]``, not ``[rows, seq, vocab]``).
     """
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     targets = batch["labels"][:, 1:].to(logits.device)
     mask = targets != IGNORE
-    logp = (logits / temperature).log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return logp * mask, mask
+    logp = logits.new_zeros(targets.shape, dtype=torch.promote_types(logits.dtype, torch.float32))
+    logp[mask] = -cross_entropy_per_token(logits[mask] / temperature, targets[mask])
+    return logp, mask
 
 
 def policy_gradient_loss(
