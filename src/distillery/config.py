@@ -90,8 +90,11 @@ class TokenizerConfig(StrictModel):
     """An existing tokenizer (``path``) or one trained on the task's text (``vocab_size``)."""
 
     path: str | None = None
-    # the byte alphabet (256) and 6 special tokens are always in; merges fill the rest
+    # a trained one: byte-level BPE (the byte alphabet and 6 special tokens always in, merges
+    # fill the rest) or unigram (SentencePiece's algorithm, byte fallback)
+    algorithm: Literal["bpe", "unigram"] = "bpe"
     vocab_size: int = Field(384, ge=262)
+    split_digits: bool = True  # one token per digit (small models learn arithmetic far better)
 
 
 class DataConfig(StrictModel):
@@ -264,6 +267,39 @@ class CheckpointConfig(StrictModel):
     dir: str | None = None  # null: <output_dir>.checkpoints
 
 
+class CrossTokenizerConfig(StrictModel):
+    """``logit_kd`` between a teacher and a student whose tokenizers differ (docs/cross_tokenizer.md).
+
+    Same tokenizer with a different vocabulary size (padded embedding rows, extra special
+    tokens at the end) needs no config: it is detected and handled exactly. For different
+    tokenizers both sides tokenize the same text, tokens are aligned by character offsets and
+    distributions are compared at the positions where both start a token at the same character:
+
+    * ``vocab_map``: teacher probability moves to the student token with the same string
+      (mass merged where the teacher splits a student token into several); the mass of teacher
+      tokens with no student counterpart is handled by ``unmapped`` (``tail_bucket``: one
+      extra bucket on both sides; ``renormalize``: dropped, both sides renormalized); the
+      divergence is ``train.loss``'s;
+    * ``uld``: Universal Logit Distillation, the optimal-transport bound between the sorted
+      probability vectors (arXiv 2402.12030), no mapping needed;
+    * ``hybrid``: ``vocab_map`` with a tail bucket, plus ``uld_weight`` × ULD between the
+      unmapped parts of both distributions (as TRL's GOLD does);
+    * ``auto``: ``hybrid``.
+    """
+
+    method: Literal["auto", "vocab_map", "uld", "hybrid"] = "auto"
+    # the teacher's tokenizer: a path or hub id; null = the teacher model's directory
+    teacher_tokenizer: str | None = None
+    unmapped: Literal["tail_bucket", "renormalize"] = "tail_bucket"
+    uld_weight: float = Field(1.0, ge=0)
+    # live teacher: keep only the top_k teacher tokens per compared position (null = all)
+    top_k: int | None = Field(None, ge=1)
+
+    @property
+    def resolved_method(self) -> str:
+        return "hybrid" if self.method == "auto" else self.method
+
+
 class TrainConfig(StrictModel):
     """The training loop: objective, optimizer, schedule, batch. Shared by every objective."""
 
@@ -301,9 +337,14 @@ class TrainConfig(StrictModel):
     # multi-process runs: "fsdp" shards the teacher like the student; "replicate" puts a whole
     # teacher on every process and must be asked for; "auto" = fsdp when the run uses FSDP
     teacher_sharding: Literal["auto", "fsdp", "replicate"] = "auto"
+    # logit_kd from a teacher with another tokenizer (null: the tokenizers must agree)
+    cross_tokenizer: CrossTokenizerConfig | None = None
 
     @model_validator(mode="after")
     def _one_way_to_say_the_loss(self) -> TrainConfig:
+        if self.cross_tokenizer is not None and self.objective != "logit_kd":
+            raise ValueError("train.cross_tokenizer applies to objective logit_kd; for other objectives "
+                             "across tokenizers train with sft on teacher-written data")
         if self.loss is not None and (self.kd_ratio is not None or self.temperature is not None):
             raise ValueError(
                 "train.kd_ratio/train.temperature are a shorthand for train.loss; with train.loss "
@@ -421,6 +462,15 @@ class StudentConfig(StrictModel):
     target: Literal["chain", "answer"] = "chain"
     objective: Literal["sft", "logit_kd", "feature_kd"] = "sft"
     kd_ratio: float | None = None  # overrides train.kd_ratio
+    # null: the teacher's tokenizer; else the student's own (a path, or trained on the task text)
+    tokenizer: TokenizerConfig | None = None
+    cross_tokenizer: CrossTokenizerConfig | None = None  # logit_kd with a tokenizer of its own
+
+    @model_validator(mode="after")
+    def _check(self) -> StudentConfig:
+        if self.cross_tokenizer is not None and self.objective != "logit_kd":
+            raise ValueError("students.<name>.cross_tokenizer applies to objective logit_kd")
+        return self
 
 
 class EvalConfig(StrictModel):

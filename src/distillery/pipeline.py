@@ -138,6 +138,8 @@ def train_students(
     out: dict[str, tuple[Path, str]] = {}
     for name, s in cfg.students.items():
         train_cfg = cfg.train.model_copy(update={"objective": s.objective})
+        if s.cross_tokenizer is not None:
+            train_cfg.cross_tokenizer = s.cross_tokenizer
         if s.kd_ratio is not None and train_cfg.loss is not None:
             given = train_cfg.loss.model_dump(exclude_unset=True)
             train_cfg.loss = LossSpec.model_validate({**given, "kd_ratio": s.kd_ratio})
@@ -146,12 +148,13 @@ def train_students(
         job = TrainJobConfig(
             output_dir=str(run_dir / "students" / name),
             model=cfg.student,
-            tokenizer=TokenizerConfig(path=str(teacher_dir)),  # students share the teacher's tokenizer
+            # the teacher's tokenizer unless the student brings its own
+            tokenizer=s.tokenizer or TokenizerConfig(path=str(teacher_dir)),
             teacher=ModelConfig(path=str(teacher_dir), device=cfg.student.device) if s.objective == "logit_kd" else None,
             data=DataConfig(path=str(data[name]), num_examples=cfg.generate.num_problems),
             train=train_cfg,
         )
-        # every student uses the teacher's tokenizer, so every student depends on the teacher
+        # a student depends on the teacher (its tokenizer, its logits or its data)
         fp = config_hash(job, _file_fp(data[name]), teacher_fp)
         stage = Stage(run_dir, f"train_{name}")
         if not stage.done(fp, Path(job.output_dir) / "config.json"):
