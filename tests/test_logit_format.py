@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import struct
+import zlib
 import tracemalloc
 
 import numpy as np
@@ -109,6 +111,34 @@ def test_round_trip_hypothesis(tmp_path, seed, V, k, P, scale, tail_logit, max_k
     true = make_example(rng, "x", V, k, P, scale, tail_logit)
     (dec,) = round_trip(tmp_path, [true], k, V, max_kl=max_kl, logprob_bits=16)
     check_round_trip(true, dec, max_kl)
+
+
+def test_offsets_round_trip_and_flag(tmp_path):
+    """Token offsets (cross-tokenizer caches) come back exactly; a shard cannot mix with and
+    without them, and a reader refuses header flags it does not know."""
+    rng = np.random.default_rng(3)
+    exs = [make_example(rng, f"o{i}", 500, 8, P, 2.0) for i, P in enumerate([5, 1, 12])]
+    for ex in exs:
+        T = len(ex.token_ids)
+        ex.offsets = np.stack([np.arange(T) * 2 - 1, np.arange(T) * 2 + 1], axis=1)
+        ex.offsets[0] = (-1, -1)
+    decoded = round_trip(tmp_path, exs, 8, 500)
+    for true, dec in zip(exs, decoded):
+        check_round_trip(true, dec)
+        np.testing.assert_array_equal(dec.offsets, true.offsets)
+    plain = make_example(rng, "plain", 500, 8, 3, 1.0)
+    assert round_trip(tmp_path, [plain], 8, 500)[0].offsets is None
+    with pytest.raises(ValueError, match="every example"):
+        write_shard(tmp_path / "mixed.dlc", [exs[0], plain], 8, 500)
+    with pytest.raises(ValueError, match="offsets for"):
+        TopKExample("bad", [1, 2, 3], np.zeros((2, 1)), np.zeros((2, 1)), np.zeros(2), offsets=[[0, 1]])
+    path = tmp_path / "s.dlc"
+    raw = bytearray(path.read_bytes())
+    raw[21] |= 0x80  # an unknown flag bit, header checksum fixed so only the flag is wrong
+    raw[68:72] = struct.pack("<I", zlib.crc32(bytes(raw[:68])))
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ShardError, match="unknown header flags"):
+        ShardReader(path)
 
 
 def test_edge_cases(tmp_path):

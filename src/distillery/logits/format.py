@@ -44,6 +44,9 @@ _INDEX = np.dtype([
 ])
 _MAX_B = 15  # Rice parameter and level width share one byte per position: b << 4 | (w - 1)
 _ZERO_LEVEL = 0.25  # level 0 decodes to u = 0.25 / M: never a zero probability
+# header flag bits; a reader refuses bits it does not know rather than misreading the payload
+FLAG_OFFSETS = 1  # every example stores its tokens' character offsets (cross-tokenizer caches)
+_KNOWN_FLAGS = FLAG_OFFSETS
 
 
 class ShardError(ValueError):
@@ -54,16 +57,25 @@ class ShardError(ValueError):
 class TopKExample:
     """One example: its ``token_ids [T]`` and per stored position (``P`` of them, ``T`` or
     ``T - 1``: the capture decides) the top-k ``ids [P, k]``, ``logprobs [P, k]`` (float32)
-    and ``log_tail [P]`` (log of the mass outside the top k)."""
+    and ``log_tail [P]`` (log of the mass outside the top k). ``offsets [T, 2]`` (int, optional)
+    are the tokens' character spans ``(start, end)`` in the text they were cut from, ``(-1, -1)``
+    for tokens outside it (chat template, special tokens): a student with another tokenizer
+    aligns to the teacher's tokens through them (:mod:`distillery.train.cross_tokenizer`)."""
 
     id: str
     token_ids: np.ndarray
     ids: np.ndarray
     logprobs: np.ndarray
     log_tail: np.ndarray
+    offsets: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.token_ids = np.asarray(self.token_ids).reshape(-1)
+        if self.offsets is not None:
+            self.offsets = np.asarray(self.offsets, dtype=np.int64).reshape(-1, 2)
+            if len(self.offsets) != len(self.token_ids):
+                raise ValueError(f"example {self.id!r}: {len(self.offsets)} offsets for "
+                                 f"{len(self.token_ids)} tokens")
         self.ids = np.asarray(self.ids)
         self.logprobs = np.asarray(self.logprobs, dtype=np.float32)
         self.log_tail = np.asarray(self.log_tail, dtype=np.float32).reshape(-1)
@@ -316,6 +328,10 @@ def write_shard(path: str | os.PathLike, examples: list[TopKExample], k: int, vo
         raise ValueError(f"k={k} must be in 1..vocab_size={vocab_size}")
     path = Path(path)
     tdt = _token_dtype(vocab_size)
+    with_offsets = {ex.offsets is not None for ex in examples}
+    if len(with_offsets) > 1:
+        raise ValueError("either every example of a shard has offsets or none has")
+    flags = FLAG_OFFSETS if with_offsets == {True} else 0
     seen: set[str] = set()
     index = np.zeros(len(examples), _INDEX)
     strings = bytearray()
@@ -333,7 +349,8 @@ def write_shard(path: str | os.PathLike, examples: list[TopKExample], k: int, vo
                 toks = ex.token_ids.astype(np.int64)
                 if len(toks) and (toks.min() < 0 or toks.max() >= 1 << (8 * tdt.itemsize)):
                     raise ValueError(f"example {ex.id!r}: token ids out of range")
-                blob = toks.astype(tdt).tobytes() + encode_positions(
+                spans = ex.offsets.astype("<i4").tobytes() if flags & FLAG_OFFSETS else b""
+                blob = toks.astype(tdt).tobytes() + spans + encode_positions(
                     ex.ids, ex.logprobs, ex.log_tail, vocab_size=vocab_size,
                     logprob_bits=logprob_bits, max_kl=max_kl)
                 name = ex.id.encode()
@@ -344,7 +361,7 @@ def write_shard(path: str | os.PathLike, examples: list[TopKExample], k: int, vo
                 offset += len(blob)
             idx = index.tobytes() + bytes(strings)
             f.write(idx)
-            head = _HEADER.pack(MAGIC, FORMAT_VERSION, k, vocab_size, logprob_bits, 0, max_kl,
+            head = _HEADER.pack(MAGIC, FORMAT_VERSION, k, vocab_size, logprob_bits, flags, max_kl,
                                 len(examples), offset, index.nbytes, len(strings),
                                 zlib.crc32(idx), 0)
             head = head[:-4] + struct.pack("<I", zlib.crc32(head[:-4]))
@@ -397,12 +414,15 @@ class ShardReader:
         head = self._file.read(HEADER_SIZE)
         if len(head) < HEADER_SIZE or not head.startswith(MAGIC):
             raise self._fail("not a distillery logit shard (bad magic or truncated header)")
-        (_, version, k, vocab, bits, _flags, max_kl, n, index_offset, index_bytes, strings_bytes,
+        (_, version, k, vocab, bits, flags, max_kl, n, index_offset, index_bytes, strings_bytes,
          index_crc, head_crc) = _HEADER.unpack(head)
         if version != FORMAT_VERSION:
             raise self._fail(f"format version {version}, this reader knows {FORMAT_VERSION}")
         if zlib.crc32(head[:-4]) != head_crc:
             raise self._fail("corrupt header (checksum mismatch)")
+        if flags & ~_KNOWN_FLAGS:
+            raise self._fail(f"unknown header flags {flags:#x}: written by a newer distillery")
+        self.flags = flags
         end = index_offset + index_bytes + strings_bytes
         if end != size:
             raise self._fail(f"truncated or padded: {size} bytes, the header says {end}")
@@ -458,11 +478,15 @@ class ShardReader:
             T, P = int(row["n_tokens"]), int(row["n_positions"])
             nt = T * self._tdt.itemsize
             toks = np.frombuffer(view[:nt], self._tdt).astype(np.int64)
+            spans = None
+            if self.flags & FLAG_OFFSETS:
+                spans = np.frombuffer(view[nt : nt + 8 * T], "<i4").reshape(T, 2).astype(np.int64)
+                nt += 8 * T
             try:
                 ids, lp, lt = decode_positions(view[nt:], P, self.k)
             except (ValueError, struct.error) as exc:
                 raise self._fail(f"example {self._ids[i]!r} cannot be decoded ({exc})") from exc
-        return TopKExample(self._ids[i], toks, ids, lp, lt)
+        return TopKExample(self._ids[i], toks, ids, lp, lt, spans)
 
     def __iter__(self) -> Iterator[TopKExample]:
         return (self[i] for i in range(len(self)))
