@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import math
 import struct
-import zlib
 import tracemalloc
+import zlib
 
 import numpy as np
 import pytest
