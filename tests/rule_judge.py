@@ -11,15 +11,23 @@ what a perfect judge, a position-biased judge or a length-biased judge would say
   drawn from a hash of the two answers (the same in both orders, so no position bias);
 - :func:`grade_by_reference` — pointwise: ``Score: 9`` right, ``Score: 3`` wrong, ``Score: 5``
   without a reference, and a refusal (no score) when the answer has no final answer at all.
+
+:func:`serve_rules` puts rules behind a real OpenAI-compatible HTTP endpoint (``/v1/models``,
+``/v1/chat/completions``), so a config's ``eval.judge`` (``backend: openai``) reaches them
+exactly as it would reach ``distillery serve`` or a hosted judge.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import math
 import re
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from distillery.tasks import extract_answer, is_correct
 from distillery.teachers.base import (
@@ -127,3 +135,59 @@ def grade_by_reference(view: View) -> str:
     if is_correct(answer, view.reference):
         return "Rationale: matches the reference.\nScore: 9"
     return "Rationale: differs from the reference.\nScore: 3"
+
+
+# --------------------------------------------------------------------------- over HTTP
+
+
+def judge_rule(pairwise: Rule, pointwise: Rule = grade_by_reference) -> Rule:
+    """One rule for both kinds of judge prompt: ``pairwise`` for two answers, else ``pointwise``."""
+    return lambda view: pairwise(view) if len(view.answers) == 2 else pointwise(view)
+
+
+@contextlib.contextmanager
+def serve_rules(rule: Rule, model: str = "rule-judge") -> Iterator[tuple[str, list[str]]]:
+    """An OpenAI-compatible chat endpoint on 127.0.0.1 answering every judge prompt by ``rule``.
+
+    Yields ``(base_url, prompts)``: ``prompts`` collects every user message it was sent, so a
+    test can count the judge calls. A prompt that is not a judge prompt gets HTTP 400.
+    """
+    prompts: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def _send(self, status: int, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self._send(200, {"object": "list", "data": [{"id": model, "object": "model"}]})
+
+        def do_POST(self) -> None:  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            text = body["messages"][-1]["content"]
+            prompts.append(text)
+            try:
+                reply = rule(View.parse(text))
+            except ValueError as exc:
+                self._send(400, {"error": {"message": str(exc), "type": "invalid_request_error"}})
+                return
+            self._send(200, {"id": f"rule-{len(prompts)}", "object": "chat.completion", "model": model,
+                             "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
+                                          "finish_reason": "stop"}],
+                             "usage": {"prompt_tokens": len(text.split()), "completion_tokens": len(reply.split())}})
+
+        def log_message(self, *args: object) -> None:  # quiet
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1", prompts
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -13,6 +13,7 @@ from rich.markup import escape
 from distillery.config import (
     CaptureConfig,
     ConfigError,
+    EvalJobConfig,
     RunConfig,
     TrainJobConfig,
     dump_config,
@@ -92,10 +93,28 @@ def report(
     evaluation = (yaml.safe_load(saved.read_text()) or {}).get("eval", {}) if saved.is_file() else {}
     try:
         build_report(run_dir, resamples=resamples or evaluation.get("bootstrap_resamples", 10000),
-                     seed=evaluation.get("seed", 0))
+                     seed=evaluation.get("seed", 0), thresholds=evaluation.get("pitfalls"))
     except (FileNotFoundError, ValueError, KeyError) as exc:
         _fail(exc)
     console.print(f"wrote {run_dir / 'report.md'} and {run_dir / 'report.html'}")
+
+
+@app.command("eval")
+def eval_(args: list[str] = typer.Argument(..., help="CONFIG [key.sub=value ...]")) -> None:
+    """Evaluate existing model directories (no training): accuracy, speed, judge, lm-eval, report.
+
+    CONFIG names the models (`models: {teacher: DIR, student: DIR}`), the task and `eval`
+    settings; writes metrics.json, report.md and report.html into its output_dir, as
+    `distillery run` does. Resumable: a re-run re-measures speed and reuses the rest.
+    """
+    _quiet_libraries()
+    from distillery.evaluate.job import run_eval_job
+
+    cfg = _load_required(args, EvalJobConfig, "distillery eval needs a config file (see docs/evaluation.md)")
+    try:
+        run_eval_job(cfg)
+    except (FileNotFoundError, ImportError, ValueError) as exc:  # a missing model dir, task file or extra
+        _fail(exc)
 
 
 @app.command()
@@ -189,7 +208,7 @@ def serve(
 @config_app.command("show")
 def config_show(
     args: list[str] = typer.Argument(None, help="[CONFIG] [key.sub=value ...]"),
-    kind: str = typer.Option("auto", help="run | train | generate | auto (guessed from the top-level keys)"),
+    kind: str = typer.Option("auto", help="run | train | generate | eval | auto (guessed from the top-level keys)"),
 ) -> None:
     """Print the resolved config (file + overrides + defaults) as YAML."""
     from distillery.elicit.config import GenerateJobConfig
@@ -197,7 +216,7 @@ def config_show(
     try:
         config_path, overrides = _split_args(args)
         kind = _guess_kind(config_path) if kind == "auto" else kind
-        schema = {"train": TrainJobConfig, "generate": GenerateJobConfig}.get(kind, RunConfig)
+        schema = {"train": TrainJobConfig, "generate": GenerateJobConfig, "eval": EvalJobConfig}.get(kind, RunConfig)
         cfg = load_config(config_path, schema, overrides)
     except ConfigError as exc:
         _fail(exc)
@@ -205,7 +224,8 @@ def config_show(
 
 
 def _guess_kind(path: str | None) -> str:
-    """generate: has ``method``/``seeds``; train job: has ``output_dir``; else a pipeline run.
+    """generate: has ``method``/``seeds``; eval job: has ``models``; train job: has ``output_dir``;
+    else a pipeline run.
 
     Anything unreadable goes on to load_config, which reports it properly.
     """
@@ -219,6 +239,8 @@ def _guess_kind(path: str | None) -> str:
         return "run"
     if {"method", "seeds"} & data.keys():
         return "generate"
+    if "models" in data:
+        return "eval"
     return "train" if "output_dir" in data else "run"
 
 

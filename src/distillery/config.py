@@ -473,8 +473,62 @@ class StudentConfig(StrictModel):
         return self
 
 
+class JudgeConfig(StrictModel):
+    """``eval.judge``: an LLM judge over the held-out answers (docs/evaluation/judge.md).
+
+    ``model`` is any teacher backend (``hf`` directory, ``openai`` URL such as ``distillery
+    serve``, ``vllm``). ``pairwise``: each model against the reference model (the teacher), both
+    orders, ties; ``pointwise``: a 1..10 grade per answer, reference-guided with the task's
+    reference. Only the first ``max_items`` held-out items are judged (two calls per pair).
+    """
+
+    model: TeacherConfig
+    pairwise: bool = True
+    pointwise: bool = False
+    max_items: int = Field(100, ge=1)
+    max_new_tokens: int = Field(512, ge=1)
+    pairwise_template: str | None = None  # Jinja2 text or @file; null: judge_pairwise.j2
+    pointwise_template: str | None = None  # null: judge_pointwise(_reference).j2
+
+    @model_validator(mode="after")
+    def _check(self) -> JudgeConfig:
+        if not (self.pairwise or self.pointwise):
+            raise ValueError("eval.judge has pairwise and pointwise both false: enable one, or set eval.judge: null")
+        return self
+
+
+class LmEvalConfig(StrictModel):
+    """``eval.lm_eval``: lm-evaluation-harness tasks on every model (needs the ``lm_eval`` extra)."""
+
+    tasks: list[str] = Field(min_length=1)
+    include_path: str | None = None  # a directory of local task YAMLs
+    limit: float | None = Field(None, gt=0)  # items per task; a fraction when < 1
+    num_fewshot: int | None = Field(None, ge=0)
+    batch_size: int = Field(8, ge=1)
+    device: str = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> LmEvalConfig:
+        import importlib.util
+
+        if importlib.util.find_spec("lm_eval") is None:  # checked here so a run fails before training
+            raise ValueError("eval.lm_eval needs the lm-evaluation-harness: pip install 'distillery[lm_eval]' "
+                             "(or set eval.lm_eval: null)")
+        return self
+
+
+class PitfallConfig(StrictModel):
+    """``eval.pitfalls``: the thresholds of the report's pitfall checks (docs/evaluation/pitfalls.md)."""
+
+    contamination_n: int = Field(13, ge=1)  # word n-grams shared with the training data
+    contamination_threshold: float = Field(0.0, ge=0, lt=1)  # share of eval items allowed to overlap
+    format_threshold: float = Field(0.05, ge=0, le=1)  # no-answer share that warns
+    position_bias_threshold: float = Field(0.2, ge=0, le=1)  # judge position-bias rate that warns
+
+
 class EvalConfig(StrictModel):
-    """Held-out evaluation: greedy decoding, answer extraction, bootstrap CIs, speed."""
+    """Held-out evaluation: greedy decoding, answer extraction, bootstrap CIs, speed; optionally
+    an LLM judge and lm-eval tasks (null: not run)."""
 
     num_problems: int = Field(500, ge=1)
     batch_size: int = Field(250, ge=1)
@@ -482,6 +536,9 @@ class EvalConfig(StrictModel):
     bootstrap_resamples: int = Field(10000, ge=100)
     speed_prompts: int = Field(8, ge=1)  # prompts decoded one at a time for batch-1 tokens/s
     seed: int = 0
+    judge: JudgeConfig | None = None
+    lm_eval: LmEvalConfig | None = None
+    pitfalls: PitfallConfig = Field(default_factory=PitfallConfig)
 
 
 def _default_students() -> dict[str, StudentConfig]:
@@ -502,6 +559,39 @@ class RunConfig(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     students: dict[str, StudentConfig] = Field(default_factory=_default_students)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+class EvalJobConfig(StrictModel):
+    """``distillery eval CONFIG``: evaluate existing model directories, no training.
+
+    ``models``: name → HF directory. The reference (``reference``, else the model named
+    ``teacher``) is what retention and pairwise judging compare against. ``train_data``: JSONL
+    records the models were trained on, for the contamination check.
+    """
+
+    output_dir: str
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    models: dict[str, str] = Field(min_length=1)
+    reference: str | None = None
+    train_data: str | list[str] | None = None  # one JSONL file or several
+    device: str = "auto"
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalJobConfig:
+        ref = self.reference_name
+        if ref not in self.models:
+            raise ValueError(f"reference model {ref!r} is not among models ({', '.join(self.models)}): "
+                             "name one model 'teacher', or set reference: <one of the models>")
+        return self
+
+    @property
+    def reference_name(self) -> str:
+        return self.reference or "teacher"
+
+    @property
+    def train_paths(self) -> list[str]:
+        return [self.train_data] if isinstance(self.train_data, str) else list(self.train_data or [])
 
 
 # --------------------------------------------------------------------------- loading

@@ -9,7 +9,6 @@ measured again on every run, so the tokens/s of all models always come from one 
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 
@@ -27,33 +26,23 @@ from distillery.config import (
     load_config,
 )
 from distillery.elicit import label_problems
-from distillery.evaluate import bootstrap_ratio, evaluate_model, paired_bootstrap_diff
-from distillery.evaluate.report import NOTES_FILE, build_report, write_metrics
-from distillery.evaluate.run import probe_speed
+from distillery.evaluate.stages import (
+    Stage,
+    compare_models,
+    evaluate_all,
+    judge_all,
+    lm_eval_all,
+    task_name,
+    write_eval_report,
+)
 from distillery.losses import LossSpec
 from distillery.models import read_meta
-from distillery.records import JsonlWriter, ground_truth_records, read_jsonl, write_json_atomic
+from distillery.records import JsonlWriter, ground_truth_records, read_jsonl
 from distillery.tasks import load_problems
 from distillery.teachers import HFTeacher, SamplingParams
 from distillery.train.job import run_train_job
 
 console = Console(stderr=True)
-
-
-class Stage:
-    """A finished-stage marker: ``done(fp)`` is true when the stage ran to the end under ``fp``."""
-
-    def __init__(self, run_dir: Path, name: str) -> None:
-        self.name = name
-        self.marker = run_dir / "stages" / f"{name}.json"
-
-    def done(self, fingerprint: str, *outputs: Path) -> bool:
-        if not self.marker.is_file() or not all(p.exists() for p in outputs):
-            return False
-        return json.loads(self.marker.read_text()).get("fingerprint") == fingerprint
-
-    def finish(self, fingerprint: str, **info: object) -> None:
-        write_json_atomic(self.marker, {"fingerprint": fingerprint, "finished": time.time(), **info})
 
 
 def prepare_teacher(cfg: RunConfig, run_dir: Path) -> tuple[Path, str]:
@@ -170,32 +159,6 @@ def _file_fp(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def evaluate_all(cfg: RunConfig, run_dir: Path, models: dict[str, tuple[Path, str]]) -> dict[str, dict]:
-    """Accuracy of every model on the same held-out problems; speed re-measured every run."""
-    problems = load_problems(cfg.task, "eval", cfg.eval.num_problems, seed=cfg.eval.seed)
-    results: dict[str, dict] = {}
-    for name, (model_dir, model_fp) in models.items():
-        path = run_dir / "eval" / f"{name}.json"
-        fp = config_hash(cfg.task, cfg.eval, model_fp)
-        stage = Stage(run_dir, f"eval_{name}")
-        teacher = HFTeacher.from_pretrained(model_dir, batch_size=cfg.eval.batch_size)
-        if stage.done(fp, path):
-            res = json.loads(path.read_text())
-            # accuracy is reused; speed is measured again so all models' figures share a run
-            res.update(probe_speed(teacher, problems, cfg.eval))
-        else:
-            console.rule(f"evaluate {name} on {len(problems)} held-out problems")
-            res = evaluate_model(teacher, problems, cfg.eval)
-            write_json_atomic(path, res)
-            stage.finish(fp)
-        results[name] = res
-        console.print(
-            f"{name}: accuracy {res['accuracy']:.3f} [{res['ci95'][0]:.3f}, {res['ci95'][1]:.3f}], "
-            f"{res['tokens_per_s']:.0f} tok/s at batch 1"
-        )
-    return results
-
-
 def run_pipeline(cfg: RunConfig) -> dict:
     """Run every stage of the demo pipeline into ``cfg.run_dir``; returns metrics.json's content."""
     run_dir = Path(cfg.run_dir)
@@ -207,49 +170,25 @@ def run_pipeline(cfg: RunConfig) -> dict:
     data = make_data(cfg, run_dir, teacher_dir, teacher_fp)
     students = train_students(cfg, run_dir, teacher_dir, teacher_fp, data)
     models = {"teacher": (teacher_dir, teacher_fp), **students}
-    results = evaluate_all(cfg, run_dir, models)
-    metrics = write_report(cfg, run_dir, results, students, data, teacher_dir)
+    results = evaluate_all(cfg.task, cfg.eval, run_dir, models)
+    judged = judge_all(cfg.eval, run_dir, results, "teacher")
+    lm = lm_eval_all(cfg.eval, run_dir, models)
+    metrics = write_report(cfg, run_dir, results, data, teacher_dir, judged, lm)
     console.print(f"done in {time.perf_counter() - start:.0f}s: {run_dir / 'report.md'}")
     return metrics
 
 
 def write_report(
-    cfg: RunConfig, run_dir: Path, results: dict[str, dict], students: dict, data: dict[str, Path],
-    teacher_dir: Path,
+    cfg: RunConfig, run_dir: Path, results: dict[str, dict], data: dict[str, Path], teacher_dir: Path,
+    judged: dict | None = None, lm_eval: dict | None = None,
 ) -> dict:
-    """metrics.json (with the scorecard and pitfall checks), the plots, report.md and report.html."""
-    comparisons = {}
-    names = list(cfg.students)
-    base = next((n for n in names if cfg.students[n].data == "ground_truth"), None)
-    for n in names:
-        if n != base and base is not None:
-            a = [float(i["correct"]) for i in results[n]["items"]]
-            b = [float(i["correct"]) for i in results[base]["items"]]
-            diff, lo, hi = paired_bootstrap_diff(a, b, cfg.eval.bootstrap_resamples, seed=cfg.eval.seed)
-            comparisons[f"{n} - {base}"] = {"accuracy_diff": diff, "ci95": [lo, hi]}
-    for n in names:
-        a = [float(i["correct"]) for i in results[n]["items"]]
-        b = [float(i["correct"]) for i in results["teacher"]["items"]]
-        diff, lo, hi = paired_bootstrap_diff(a, b, cfg.eval.bootstrap_resamples, seed=cfg.eval.seed)
-        comparisons[f"{n} - teacher"] = {"accuracy_diff": diff, "ci95": [lo, hi]}
-        if sum(b) > 0:
-            keep, klo, khi = bootstrap_ratio(a, b, cfg.eval.bootstrap_resamples, seed=cfg.eval.seed)
-            comparisons[f"{n} / teacher"] = {"accuracy_ratio": keep, "ci95": [klo, khi]}
-    metrics = write_metrics(
-        run_dir / "metrics.json", results, task=_task_name(cfg), n_eval=cfg.eval.num_problems,
-        extra={"comparisons": comparisons},
-    )
-    header, *notes = _report_sections(cfg, metrics, results, data, teacher_dir)
-    (run_dir / NOTES_FILE).write_text("\n\n".join(notes) + "\n")
-    metrics = build_report(run_dir, header, cfg.eval.bootstrap_resamples, cfg.eval.seed)
-    return metrics
-
-
-def _task_name(cfg: RunConfig) -> str:
-    t = cfg.task
-    if t.name == "jsonl":
-        return f"jsonl:{t.path}"
-    return f"arithmetic(operands={t.num_operands}, digits={t.digits}, ops={''.join(t.operations)}, style={t.style})"
+    """metrics.json (scorecard, pitfall checks, judge, lm-eval), the plots, report.md and report.html."""
+    base = next((n for n in cfg.students if cfg.students[n].data == "ground_truth"), None)
+    comparisons = compare_models(results, "teacher", cfg.eval, baseline=base)
+    header, *notes = _report_sections(cfg, comparisons, results, data, teacher_dir)
+    return write_eval_report(run_dir, cfg.eval, results, task=task_name(cfg.task), reference="teacher",
+                             comparisons=comparisons, judged=judged or {}, lm_eval=lm_eval or {},
+                             header=header, notes=notes)
 
 
 def _describe_objective(cfg: RunConfig, s: StudentConfig) -> str:
@@ -262,32 +201,25 @@ def _describe_objective(cfg: RunConfig, s: StudentConfig) -> str:
 
 
 def _report_sections(
-    cfg: RunConfig, metrics: dict, results: dict, data: dict[str, Path], teacher_dir: Path
+    cfg: RunConfig, comparisons: dict, results: dict, data: dict[str, Path], teacher_dir: Path
 ) -> list[str]:
-    m = metrics["models"]
-    t = m["teacher"]
+    """The header and the pipeline's own narrative (kept in report_notes.md); the headline is
+    the scorecard that :func:`~distillery.evaluate.report.build_report` writes."""
+    m = results
     held_out = ("from task.eval_path (its overlap with the training file is not checked)"
                 if cfg.task.name == "jsonl" and cfg.task.eval_path
                 else "disjoint from training by construction: the split is decided by each problem's hash")
-    lines = [f"# distillery report: {cfg.run_dir}", "", f"Task: `{metrics['task']}`, "
-             f"{metrics['n_eval']} held-out problems ({held_out}), greedy decoding."]
+    lines = [f"# distillery report: {cfg.run_dir}", "", f"Task: `{task_name(cfg.task)}`, "
+             f"{cfg.eval.num_problems} held-out problems ({held_out}), greedy decoding."]
     out = [lines[0] + "\n\n" + lines[2]]
     body = ["## What distillation bought", ""]
-    for key, c in metrics["comparisons"].items():
+    for key, c in comparisons.items():
         if "accuracy_diff" not in c:
             continue
         lo, hi = c["ci95"]
         sign = "+" if c["accuracy_diff"] >= 0 else ""
         body.append(f"- **{key}**: {sign}{100 * c['accuracy_diff']:.1f} points, paired bootstrap 95% CI "
                     f"[{100 * lo:+.1f}, {100 * hi:+.1f}]" + (" (excludes 0)" if lo > 0 or hi < 0 else " (includes 0)"))
-    for name in cfg.students:
-        s = m[name]
-        ratio = metrics["comparisons"].get(f"{name} / teacher")
-        keep = (f"{100 * ratio['accuracy_ratio']:.1f}% (95% CI [{100 * ratio['ci95'][0]:.1f}%, "
-                f"{100 * ratio['ci95'][1]:.1f}%])" if ratio else "n/a (teacher at 0%)")
-        body.append(f"- **{name}** keeps {keep} of the teacher's accuracy with "
-                    f"{t['params'] / s['params']:.1f}× fewer parameters at {s['tokens_per_s'] / t['tokens_per_s']:.2f}× "
-                    f"the teacher's batch-1 decode speed.")
     gt = next((n for n in cfg.students if cfg.students[n].data == "ground_truth"), None)
     dist = next((n for n in cfg.students if cfg.students[n].data == "teacher"), None)
     if gt and dist:
@@ -315,7 +247,7 @@ def _report_sections(
         body.append(f"- {name}: {r['no_answer']} no answer, {wrong} wrong answer, "
                     f"{sum(i['correct'] for i in r['items'])} correct")
     body += ["", "## Samples (first 5 held-out problems)", ""]
-    for item_idx in range(min(5, metrics["n_eval"])):
+    for item_idx in range(min(5, len(results["teacher"]["items"]))):
         body.append(f"- `{results['teacher']['items'][item_idx]['prompt']}` → reference `{results['teacher']['items'][item_idx]['reference']}`")
         for name, r in results.items():
             it = r["items"][item_idx]

@@ -6,6 +6,7 @@ import base64
 import html
 import json
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -133,7 +134,7 @@ def scorecard(
                "retention_ci95": list(retention[1:]) if retention else None,
                "speedup": decode_rate(m) / decode_rate(t), "memory_ratio": mem,
                "params_ratio": t["params"] / m["params"]}
-        row["sentence"] = scorecard_sentence(name, row)
+        row["sentence"] = scorecard_sentence(name, row, "the teacher" if teacher == "teacher" else teacher)
         out[name] = row
     return out
 
@@ -149,13 +150,13 @@ def _retention(
     return (c["accuracy_ratio"], *c["ci95"]) if c else None
 
 
-def scorecard_sentence(name: str, row: dict) -> str:
+def scorecard_sentence(name: str, row: dict, reference: str = "the teacher") -> str:
     """"student keeps 53.5% [49.1%, 58.0%] of the teacher's accuracy at 2.3× the speed and 7.3× less memory"."""
     if row["retention"] is None:
-        keep = "has no retention figure (the teacher scored 0%)"
+        keep = f"has no retention figure ({reference} scored 0%)"
     else:
         lo, hi = row["retention_ci95"]
-        keep = f"keeps {_pct(row['retention'])} [{_pct(lo)}, {_pct(hi)}] of the teacher's accuracy"
+        keep = f"keeps {_pct(row['retention'])} [{_pct(lo)}, {_pct(hi)}] of {reference}'s accuracy"
     mem = f"{row['memory_ratio']:.1f}× less memory" if row["memory_ratio"] else f"{row['params_ratio']:.1f}× fewer parameters"
     return f"{name} {keep} at {row['speedup']:.1f}× the speed and {mem}"
 
@@ -216,12 +217,42 @@ def speed_rows(models: dict[str, dict]) -> list[list[str]]:
     return rows
 
 
+NO_CARD = "Only the reference model was evaluated: there is nothing to compare it with."
+JUDGE_HEAD = ["pair", "win rate", "95% CI", "n", "length-controlled", "position bias"]
+GRADE_HEAD = ["model", "mean grade (1-10)", "95% CI", "graded", "unparsed", "failed"]
+
+
+def _maybe_pct(x: float | None) -> str:
+    return _pct(x) if x is not None else "n/a"
+
+
+def judge_rows(judge: dict[str, dict]) -> list[list[str]]:
+    """Per judged pair (``pairwise_summary``): win rate, CI, pairs, length-controlled rate, position bias."""
+    rows = []
+    for key, v in judge.items():
+        w = v["win_rate"]
+        ci = f"[{_pct(w['lo'])}, {_pct(w['hi'])}]" if w["rate"] is not None else "n/a"
+        lc = (v.get("length_controlled") or {}).get("rate")
+        rows.append([key, _maybe_pct(w["rate"]), ci, str(w["n"]), _maybe_pct(lc), _maybe_pct(v.get("position_bias_rate"))])
+    return rows
+
+
+def grade_rows(grades: dict[str, dict]) -> list[list[str]]:
+    """Per model (``grade_summary``): mean pointwise grade with its CI and what went ungraded."""
+    rows = []
+    for name, g in grades.items():
+        mean = f"{g['mean_score']:.2f}" if g["mean_score"] is not None else "n/a"
+        ci = f"[{g['ci95'][0]:.2f}, {g['ci95'][1]:.2f}]" if g["mean_score"] is not None else "n/a"
+        rows.append([name, mean, ci, f"{g['graded']} / {g['n']}", str(g["unparsed"]), str(g["failed"])])
+    return rows
+
+
 SPEED_HEAD = ["model", "params", "TTFT (ms)", "decode tok/s (batch 1)", "decode tok/s (batched)", "peak memory (MB)"]
 
 
 def markdown_sections(metrics: dict, card: dict[str, dict], pitfalls: list[Pitfall], plots: dict[str, str]) -> list[str]:
     """Scorecard, speed table, pitfall checks, lm-eval and judge tables, plots: report.md's body."""
-    out = ["## Scorecard\n\n" + "\n".join(f"- **{row['sentence']}**" for row in card.values())]
+    out = ["## Scorecard\n\n" + ("\n".join(f"- **{row['sentence']}**" for row in card.values()) or NO_CARD)]
     table = ["| " + " | ".join(SPEED_HEAD) + " |", "|---|" + "---:|" * (len(SPEED_HEAD) - 1)]
     table += ["| " + " | ".join(r) + " |" for r in speed_rows(metrics["models"])]
     out.append("## Speed and size\n\n" + "\n".join(table) + "\n\nTTFT: prefill + first token at batch 1; decode "
@@ -232,13 +263,13 @@ def markdown_sections(metrics: dict, card: dict[str, dict], pitfalls: list[Pitfa
     if lm:
         out.append(lm.rstrip())
     if metrics.get("judge"):
-        rows = ["## Judge", "", "| pair | win rate | 95% CI | n | position bias |", "|---|---:|---|---:|---:|"]
-        for key, v in metrics["judge"].items():
-            w = v["win_rate"]
-            rate = _pct(w["rate"]) if w["rate"] is not None else "n/a"
-            ci = f"[{_pct(w['lo'])}, {_pct(w['hi'])}]" if w["rate"] is not None else "n/a"
-            bias = _pct(v["position_bias_rate"]) if v.get("position_bias_rate") is not None else "n/a"
-            rows.append(f"| {key} | {rate} | {ci} | {w['n']} | {bias} |")
+        rows = ["## Judge", "", "| " + " | ".join(JUDGE_HEAD) + " |", "|---|---:|---|---:|---:|---:|"]
+        rows += ["| " + " | ".join(r) + " |" for r in judge_rows(metrics["judge"])]
+        out.append("\n".join(rows) + "\n\nWin rate of the first model, each pair judged in both orders "
+                   "(ties and order-dependent verdicts count ½); length-controlled: the rate at equal answer lengths.")
+    if metrics.get("judge_pointwise"):
+        rows = ["## Judge grades", "", "| " + " | ".join(GRADE_HEAD) + " |", "|---|---:|---|---:|---:|---:|"]
+        rows += ["| " + " | ".join(r) + " |" for r in grade_rows(metrics["judge_pointwise"])]
         out.append("\n".join(rows))
     out.append("## Plots\n\n" + "\n\n".join(f"![{title}]({name})" for name, title in plots.items()))
     return out
@@ -288,7 +319,8 @@ def render_html(metrics: dict, card: dict[str, dict], pitfalls: list[Pitfall], p
                  f"{m.get('no_answer', 0)} / {m.get('n', metrics['n_eval'])}"] for n, m in models.items()]
     parts = [f"<h1>{e(title)}</h1>", f"<p>Task: <code>{e(str(metrics['task']))}</code>, {metrics['n_eval']} held-out items.</p>",
              '<section id="scorecard"><h2>Scorecard</h2>'
-             + "".join(f'<p class="scorecard">{e(row["sentence"])}</p>' for row in card.values()) + "</section>",
+             + ("".join(f'<p class="scorecard">{e(row["sentence"])}</p>' for row in card.values())
+                or f"<p>{e(NO_CARD)}</p>") + "</section>",
              '<section id="accuracy"><h2>Accuracy (bootstrap 95% CI)</h2>'
              + _table(["model", "accuracy", "95% CI", "no answer"], acc_rows) + "</section>",
              '<section id="speed"><h2>Speed and size</h2>' + _table(SPEED_HEAD, speed_rows(models)) + "</section>",
@@ -302,9 +334,10 @@ def render_html(metrics: dict, card: dict[str, dict], pitfalls: list[Pitfall], p
         parts.append('<section id="lm-eval"><h2>lm-evaluation-harness</h2>'
                      + _table(["model", "task", "metric", "value", "95% CI"], lm_rows) + "</section>")
     if metrics.get("judge"):
-        rows = [[k, _pct(v["win_rate"]["rate"]) if v["win_rate"]["rate"] is not None else "n/a", str(v["win_rate"]["n"])]
-                for k, v in metrics["judge"].items()]
-        parts.append('<section id="judge"><h2>Judge</h2>' + _table(["pair", "win rate", "n"], rows) + "</section>")
+        parts.append('<section id="judge"><h2>Judge</h2>' + _table(JUDGE_HEAD, judge_rows(metrics["judge"])) + "</section>")
+    if metrics.get("judge_pointwise"):
+        parts.append('<section id="judge-grades"><h2>Judge grades</h2>'
+                     + _table(GRADE_HEAD, grade_rows(metrics["judge_pointwise"])) + "</section>")
     parts.append('<section id="plots"><h2>Plots</h2>' + "".join(
         f'<figure><img alt="{e(cap)}" src="{_data_uri(p)}"><figcaption>{e(cap)}</figcaption></figure>'
         for p, cap in plots.items()) + "</section>")
@@ -327,30 +360,61 @@ def load_items(run_dir: Path, names: list[str]) -> dict[str, list[dict]]:
     return {n: v for n, v in out.items() if v}
 
 
-def load_train_logs(run_dir: Path) -> dict[str, list[dict]]:
-    """Each training stage's ``train_log.jsonl``: the run's own teacher (``teacher/``), then ``students/<name>/``."""
-    dirs = [("teacher", run_dir / "teacher")] + [(d.name, d) for d in sorted((run_dir / "students").glob("*"))]
+def load_train_logs(run_dir: Path, model_dirs: dict[str, str] | None = None) -> dict[str, list[dict]]:
+    """Each training stage's ``train_log.jsonl``: the run's own teacher (``teacher/``), then
+    ``students/<name>/``; or, given ``model_dirs`` (``distillery eval``), each model's directory."""
+    if model_dirs:
+        dirs = [(name, Path(d)) for name, d in model_dirs.items()]
+    else:
+        dirs = [("teacher", run_dir / "teacher")] + [(d.name, d) for d in sorted((run_dir / "students").glob("*"))]
     return {name: read_jsonl(d / "train_log.jsonl") for name, d in dirs if (d / "train_log.jsonl").is_file()}
 
 
-def _pitfalls(run_dir: Path, metrics: dict, items: dict[str, list[dict]]) -> list[Pitfall]:
-    """Every pitfall check whose inputs the run directory holds."""
-    judged = [v for v in (metrics.get("judge") or {}).values() if v.get("position_bias_rate") is not None]
-    complete = len(items) == len(metrics["models"])
+def _position_bias(judge: dict[str, dict]) -> tuple[float | None, int | None]:
+    """The judge's position-bias rate pooled over every judged pair (weighted by pairs)."""
+    judged = [v for v in judge.values() if v.get("position_bias_rate") is not None]
+    n = sum(v.get("position_bias_n") or 0 for v in judged)
+    if not judged:
+        return None, None
+    if n == 0:  # an older metrics.json without the counts
+        return judged[0]["position_bias_rate"], None
+    return sum(v["position_bias_rate"] * (v.get("position_bias_n") or 0) for v in judged) / n, n
+
+
+def _train_files(run_dir: Path, metrics: dict) -> list[Path]:
+    """The training records to check contamination against: metrics.json's ``train_data``
+    (``distillery eval``), else the run's own ``data/*.jsonl`` (rejects left out)."""
+    if metrics.get("train_data"):
+        return [Path(p) for p in metrics["train_data"]]
     data = sorted((run_dir / "data").glob("*.jsonl")) if (run_dir / "data").is_dir() else []
-    data = [p for p in data if not p.name.endswith(".rejects.jsonl")]
+    return [p for p in data if not p.name.endswith(".rejects.jsonl")]
+
+
+def _pitfalls(run_dir: Path, metrics: dict, items: dict[str, list[dict]], thresholds: Any = None) -> list[Pitfall]:
+    """Every pitfall check whose inputs the run directory holds; ``thresholds``: an
+    ``eval.pitfalls`` section (or its dict), else the checks' defaults."""
+    t = thresholds.model_dump() if hasattr(thresholds, "model_dump") else dict(thresholds or {})
+    limits = {k: t[k] for k in ("contamination_threshold", "format_threshold", "position_bias_threshold") if k in t}
+    if "contamination_n" in t:
+        limits["n"] = t["contamination_n"]
+    rate, pairs = _position_bias(metrics.get("judge") or {})
+    complete = len(items) == len(metrics["models"])
+    data = _train_files(run_dir, metrics)
     first = next(iter(items.values()), None)
     return run_pitfall_checks(
         models={n: {"items": v} for n, v in items.items()} if complete else None,
         train_records=[r for p in data for r in read_jsonl(p)] if data and first else None,
         eval_items={str(i["id"]): i["prompt"] for i in first} if data and first else None,
-        position_bias_rate=judged[0]["position_bias_rate"] if judged else None,
-        position_bias_n=judged[0].get("position_bias_n") if judged else None,
+        position_bias_rate=rate, position_bias_n=pairs, **limits,
     )
 
 
-def build_report(run_dir: str | Path, header: str | None = None, resamples: int = 10000, seed: int = 0) -> dict:
+def build_report(run_dir: str | Path, header: str | None = None, resamples: int = 10000, seed: int = 0,
+                 thresholds: Any = None) -> dict:
     """Rebuild the report from ``run_dir/metrics.json`` (+ ``eval/*.json``, train logs, data): no evaluation.
+
+    The scorecard compares every model to ``metrics["reference"]`` (default ``teacher``);
+    ``thresholds``: the pitfall checks' ``eval.pitfalls`` settings (default: the checks' own).
 
     Writes the plots (``accuracy.png``, ``retention.png``, ``loss_curves.png``, ``judge.png``
     when metrics.json has ``judge``), ``report.md``, ``report.html``, and adds ``scorecard`` and
@@ -361,19 +425,23 @@ def build_report(run_dir: str | Path, header: str | None = None, resamples: int 
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: give a run directory that `distillery run` wrote")
     metrics = json.loads(path.read_text())
-    if "teacher" not in metrics.get("models", {}):
-        raise ValueError(f"{path} has no models.teacher entry: the scorecard compares students to it")
+    reference = metrics.get("reference", "teacher")
+    if reference not in metrics.get("models", {}):
+        raise ValueError(f"{path} has no models.{reference} entry: the scorecard compares the other models to it")
     items = load_items(run_dir, list(metrics["models"]))
-    card = scorecard(metrics["models"], items, metrics.get("comparisons"), resamples=resamples, seed=seed)
-    pitfalls = _pitfalls(run_dir, metrics, items)
+    card = scorecard(metrics["models"], items, metrics.get("comparisons"), teacher=reference,
+                     resamples=resamples, seed=seed)
+    pitfalls = _pitfalls(run_dir, metrics, items, thresholds)
     metrics["scorecard"], metrics["pitfalls"] = card, [p.to_dict() for p in pitfalls]
     write_json_atomic(path, metrics)
 
-    plots = {"accuracy.png": "accuracy with 95% CI", "retention.png": "retention vs speed-up",
-             "loss_curves.png": "training loss of each stage"}
+    plots = {"accuracy.png": "accuracy with 95% CI"}
     plot_accuracy(metrics["models"], run_dir / "accuracy.png")
-    plot_retention(card, run_dir / "retention.png")
-    plot_losses(load_train_logs(run_dir), run_dir / "loss_curves.png")
+    if card:  # one model alone has nothing to retain
+        plot_retention(card, run_dir / "retention.png")
+        plots["retention.png"] = "retention vs speed-up"
+    plot_losses(load_train_logs(run_dir, metrics.get("model_dirs")), run_dir / "loss_curves.png")
+    plots["loss_curves.png"] = "training loss of each stage"
     if metrics.get("judge"):
         plot_judge(metrics["judge"], run_dir / "judge.png")
         plots["judge.png"] = "judge win rates"
