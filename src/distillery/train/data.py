@@ -14,6 +14,33 @@ class TemplateError(ValueError):
     """The tokenizer's chat template does not render conversations as a growing prefix."""
 
 
+def chat_pieces(messages: list[dict], tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, int, bool]]:
+    """The pieces of text the chat template adds turn by turn: ``(text, message index, train)``.
+
+    An assistant turn gives two pieces: its generation prompt (not trained) and then its content
+    with whatever the template closes the turn with (trained). Concatenated, the pieces are the
+    rendered conversation; each is tokenized on its own by :func:`tokenize_messages`.
+    """
+    pieces: list[tuple[str, int, bool]] = []
+    prev = ""
+
+    def add(text: str, index: int, train: bool) -> None:
+        nonlocal prev
+        if not text.startswith(prev):
+            raise TemplateError(
+                "the chat template does not render conversations as a growing prefix; "
+                "tokenize with a template that does, or pre-render records as plain text"
+            )
+        pieces.append((text[len(prev) :], index, train))
+        prev = text
+
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            add(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True), i, False)
+        add(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False), i, message["role"] == "assistant")
+    return pieces
+
+
 def tokenize_messages(
     messages: list[dict], tokenizer: PreTrainedTokenizerBase, max_len: int
 ) -> dict[str, list[int]]:
@@ -26,24 +53,10 @@ def tokenize_messages(
     """
     ids: list[int] = []
     labels: list[int] = []
-    prev = ""
-
-    def add(text: str, train: bool) -> None:
-        nonlocal prev
-        if not text.startswith(prev):
-            raise TemplateError(
-                "the chat template does not render conversations as a growing prefix; "
-                "tokenize with a template that does, or pre-render records as plain text"
-            )
-        piece = tokenizer(text[len(prev) :], add_special_tokens=False)["input_ids"]
+    for text, _, train in chat_pieces(messages, tokenizer):
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
         ids.extend(piece)
         labels.extend(piece if train else [IGNORE] * len(piece))
-        prev = text
-
-    for i, message in enumerate(messages):
-        if message["role"] == "assistant":
-            add(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True), False)
-        add(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False), message["role"] == "assistant")
     return {"input_ids": ids[:max_len], "labels": labels[:max_len]}
 
 
