@@ -22,11 +22,26 @@ from distillery.models.lora import (
     prepare_for_training,
 )
 from distillery.models.tokenizer import train_tokenizer
+from distillery.models.vocab import (
+    TokenizerComparison,
+    VocabMapping,
+    VocabMismatchError,
+    build_vocab_mapping,
+    compare_tokenizers,
+    require_shared_vocab,
+    token_bytes,
+    token_strings,
+)
 
 __all__ = [
+    "TokenizerComparison",
+    "VocabMapping",
+    "VocabMismatchError",
     "apply_lora",
     "build_model",
+    "build_vocab_mapping",
     "check_qlora_available",
+    "compare_tokenizers",
     "count_params",
     "enable_gradient_checkpointing",
     "finalize_student",
@@ -36,7 +51,10 @@ __all__ = [
     "load_tokenizer",
     "prepare_for_training",
     "read_meta",
+    "require_shared_vocab",
     "resolve_device",
     "save_model",
+    "token_bytes",
+    "token_strings",
     "train_tokenizer",
 ]
