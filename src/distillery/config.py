@@ -435,6 +435,9 @@ class CaptureConfig(StrictModel):
     temperature: float = Field(1.0, gt=0)
     max_seq_len: int = Field(256, ge=2)  # as train.max_seq_len: the cache must match training
     shard_size: int = Field(1024, ge=1)  # examples per shard (the unit of resume)
+    # store each token's character offsets in its turn's content, so a student with another
+    # tokenizer can train from this cache (train.cross_tokenizer); 8 bytes per token more
+    offsets: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> CaptureConfig:

@@ -24,6 +24,7 @@ from distillery.logits.cache import CacheWriter, Manifest, tokenizer_hash
 from distillery.logits.format import TopKExample
 from distillery.models import load_tokenizer
 from distillery.teachers import build_teacher
+from distillery.train.alignment import content_offsets
 from distillery.train.data import IGNORE, tokenize_messages
 
 console = Console(stderr=True)
@@ -35,14 +36,15 @@ def stored_positions(labels: list[int]) -> np.ndarray:
     return np.nonzero(lab[1:] != IGNORE)[0]
 
 
-def _examples(records: list[dict], tokenizer, max_len: int, done: set[str]) -> Iterator[tuple]:  # noqa: ANN001
+def _examples(records: list[dict], tokenizer, max_len: int, done: set[str], offsets: bool) -> Iterator[tuple]:  # noqa: ANN001
     for rec in records:
         if rec["id"] in done:
             continue
         item = tokenize_messages(rec["messages"], tokenizer, max_len)
         positions = stored_positions(item["labels"])
         if len(positions):
-            yield rec["id"], item["input_ids"], positions
+            spans = content_offsets(rec["messages"], tokenizer, max_len) if offsets else None
+            yield rec["id"], item["input_ids"], positions, spans
 
 
 def run_capture(cfg: CaptureConfig, show_progress: bool = True) -> Manifest:
@@ -63,7 +65,7 @@ def run_capture(cfg: CaptureConfig, show_progress: bool = True) -> Manifest:
                          k=cfg.k, temperature=cfg.temperature, vocab_size=len(tokenizer),
                          shard_size=cfg.shard_size)
     done = writer.done_ids()
-    todo = list(_examples(records, tokenizer, cfg.max_seq_len, done))
+    todo = list(_examples(records, tokenizer, cfg.max_seq_len, done, cfg.offsets))
     batch = cfg.teacher.batch_size
     t0, tokens = time.perf_counter(), 0
     columns = (TextColumn("[bold]capture"), BarColumn(), MofNCompleteColumn(),
@@ -72,16 +74,17 @@ def run_capture(cfg: CaptureConfig, show_progress: bool = True) -> Manifest:
         bar = progress.add_task("capture", total=len(done) + len(todo), completed=len(done), rate="")
         for start in range(0, len(todo), batch):
             chunk = todo[start : start + batch]
-            tops = teacher.logprobs([ids for _, ids, _ in chunk], cfg.k, temperature=cfg.temperature)
-            for (rid, ids, positions), top in zip(chunk, tops):
+            tops = teacher.logprobs([ids for _, ids, _, _ in chunk], cfg.k, temperature=cfg.temperature)
+            for (rid, ids, positions, spans), top in zip(chunk, tops):
                 writer.add(TopKExample(
                     id=rid, token_ids=np.asarray(ids, dtype=np.int64),
                     ids=top.ids[positions].numpy(), logprobs=top.logprobs[positions].numpy(),
-                    log_tail=top.log_tail[positions].numpy()))
+                    log_tail=top.log_tail[positions].numpy(), offsets=spans))
                 tokens += len(positions)
             dt = time.perf_counter() - t0
             progress.update(bar, advance=len(chunk), rate=f"{tokens / max(dt, 1e-9):.0f} tok/s")
-    manifest = writer.finish()
+    # the tokenizer's source: a cross-tokenizer student re-tokenizes the records with it
+    manifest = writer.finish(extra={"tokenizer": tok_source, "offsets": cfg.offsets})
     console.print(f"captured {manifest.count} examples ({len(done)} from an earlier run) into "
                   f"{cfg.output_dir}: k={cfg.k}, {tokens} new positions in {time.perf_counter() - t0:.1f} s")
     return manifest

@@ -193,6 +193,13 @@ def align_messages(
     )
 
 
+def content_offsets(messages: list[dict], tokenizer: PreTrainedTokenizerBase, max_len: int) -> list[Span]:
+    """Per token of :func:`tokenize_messages`' sequence ``[seq]``: its ``(start, end)`` in its
+    assistant turn's content, ``(-1, -1)`` for template and special tokens. What a logit cache
+    captured for a student with another tokenizer stores (``capture.offsets``)."""
+    return _tokenize_side(messages, tokenizer).offsets[:max_len]
+
+
 def _chain_end(example: AlignedExample, g_s: list[int], g_t: list[int]) -> int:
     """The last teacher index whose tokens, from the group's first, spell exactly the student's
     first token; -1 when the teacher's first tokens cross that token's end."""

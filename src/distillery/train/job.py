@@ -32,10 +32,21 @@ from distillery.models import (
     save_model,
     train_tokenizer,
 )
+from distillery.models.vocab import (
+    TokenizerComparison,
+    build_vocab_mapping,
+    compare_tokenizers,
+    require_shared_vocab,
+)
 from distillery.records import ground_truth_records, read_jsonl, validate_sft_records
 from distillery.tasks import load_problems
 from distillery.train.cached import CachedCollator, CachedSFTDataset
 from distillery.train.checkpoint import latest_checkpoint
+from distillery.train.cross_tokenizer import (
+    CrossTokenizerCollator,
+    CrossTokenizerDataset,
+    CrossTokenizerKDObjective,
+)
 from distillery.train.data import Collator, SFTDataset
 from distillery.train.finetune_teacher import finetune_teacher
 from distillery.train.loop import TrainResult, process_state, train_loop
@@ -93,7 +104,9 @@ def _tokenizer(cfg: TrainJobConfig, records: list[dict]) -> PreTrainedTokenizerB
         return load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code)
     if cfg.train.objective == "preference":
         raise ValueError("objective 'preference' fine-tunes an existing model: set model.path (or tokenizer.path)")
-    return train_tokenizer((m["content"] for r in records for m in r["messages"]), vocab_size=cfg.tokenizer.vocab_size)
+    tok = cfg.tokenizer
+    return train_tokenizer((m["content"] for r in records for m in r["messages"]), vocab_size=tok.vocab_size,
+                           algorithm=tok.algorithm, split_digits=tok.split_digits)
 
 
 def _student(cfg: TrainJobConfig, tokenizer: PreTrainedTokenizerBase) -> nn.Module:
@@ -120,8 +133,21 @@ def training_parts(cfg: TrainJobConfig, records: list[dict], tokenizer: PreTrain
         return prepare_preference_training(cfg, records, tokenizer, student, show_progress=show_progress)
     if train.objective == "reward":
         return prepare_reward_training(cfg, records, tokenizer, student, teacher)
-    if cfg.teacher_cache is not None:
-        cache = LogitCache(cfg.teacher_cache)
+    cache = LogitCache(cfg.teacher_cache) if cfg.teacher_cache is not None else None
+    shared = None
+    if train.objective == "logit_kd":
+        teacher_tok, teacher_size = _teacher_tokenizer(cfg, teacher, cache)
+        if teacher_tok is not None:
+            relation = compare_tokenizers(teacher_tok, tokenizer, teacher_size, unwrap(student).config.vocab_size)
+            if relation.kind == "different":
+                if train.cross_tokenizer is None:
+                    require_shared_vocab(relation)  # raises: names the ids and the objectives that apply
+                return cross_tokenizer_parts(cfg, records, tokenizer, teacher_tok, relation, cache)
+            if relation.kind == "padded":
+                shared = relation.shared
+                console.print(f"teacher and student share a tokenizer; vocabularies {relation.teacher_size} "
+                              f"and {relation.student_size}: distilling over the shared ids [0, {shared})")
+    if cache is not None:
         dataset = CachedSFTDataset(records, tokenizer, train.max_seq_len, cache)
         collator = CachedCollator(pad, k=cache.manifest.k)
     else:
@@ -129,6 +155,57 @@ def training_parts(cfg: TrainJobConfig, records: list[dict], tokenizer: PreTrain
         collator = PackedCollator(pad, train.max_seq_len) if train.packing else Collator(pad)
     objective = build_objective(train, student=student, teacher=teacher,
                                 cached=cfg.teacher_cache is not None, tokenizer=tokenizer)
+    if shared is not None:
+        objective.shared_vocab = shared
+    return dataset, collator, objective
+
+
+def _teacher_tokenizer(cfg: TrainJobConfig, teacher: nn.Module | None, cache: LogitCache | None
+                       ) -> tuple[PreTrainedTokenizerBase | None, int | None]:
+    """The teacher's tokenizer and vocabulary rows, to compare with the student's.
+
+    From ``train.cross_tokenizer.teacher_tokenizer``, else the teacher model's directory, else
+    the tokenizer the logit cache was captured with. ``(None, None)`` when there is none to
+    read and no cross-tokenizer objective asks for one (then the vocab sizes must agree).
+    """
+    xt = cfg.train.cross_tokenizer
+    source = xt.teacher_tokenizer if xt is not None else None
+    if source is None and cfg.teacher is not None:
+        source = cfg.teacher.path
+    if source is None and cache is not None:
+        source = cache.manifest.extra.get("tokenizer")
+    size = teacher.config.vocab_size if teacher is not None else (cache.manifest.vocab_size if cache else None)
+    if source is None:
+        if xt is not None:
+            raise ValueError("train.cross_tokenizer needs the teacher's tokenizer: set "
+                             "train.cross_tokenizer.teacher_tokenizer (a path or hub id)")
+        return None, None
+    trust = cfg.teacher.trust_remote_code if cfg.teacher is not None else False
+    try:
+        return load_tokenizer(source, trust_remote_code=trust), size
+    except (OSError, ValueError) as exc:
+        if xt is not None:
+            raise ValueError(f"train.cross_tokenizer: cannot load the teacher's tokenizer from {source!r} "
+                             f"({exc}); set train.cross_tokenizer.teacher_tokenizer") from exc
+        return None, None
+
+
+def cross_tokenizer_parts(cfg: TrainJobConfig, records: list[dict], tokenizer: PreTrainedTokenizerBase,
+                          teacher_tok: PreTrainedTokenizerBase, relation: TokenizerComparison,
+                          cache: LogitCache | None) -> tuple[Dataset, Callable, Objective]:
+    """Dataset, collator and objective of ``logit_kd`` from a teacher with another tokenizer."""
+    train = cfg.train
+    if train.packing:
+        raise ValueError("train.packing is not supported with train.cross_tokenizer (each row is aligned "
+                         "to the teacher's tokens on its own): set packing false")
+    mapping = build_vocab_mapping(teacher_tok, tokenizer, relation.teacher_size, relation.student_size)
+    console.print(f"cross-tokenizer {train.cross_tokenizer.resolved_method}: {mapping.n_mapped} of "
+                  f"{mapping.n_tokens} teacher tokens map to student tokens ({100 * mapping.coverage:.1f}%)")
+    dataset = CrossTokenizerDataset(records, tokenizer, teacher_tok, train.max_seq_len, cache)
+    pad = teacher_tok.pad_token_id if teacher_tok.pad_token_id is not None else (teacher_tok.eos_token_id or 0)
+    collator = CrossTokenizerCollator(tokenizer.pad_token_id, teacher_pad_id=pad)
+    objective = CrossTokenizerKDObjective(train.resolved_loss(), train.cross_tokenizer, mapping,
+                                          cached=cache is not None)
     return dataset, collator, objective
 
 

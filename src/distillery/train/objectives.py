@@ -60,13 +60,28 @@ def teacher_inputs(batch: dict[str, torch.Tensor], teacher: nn.Module) -> dict[s
     return {k: v.to(device, non_blocking=True) for k, v in model_inputs(batch).items()}
 
 
-def _check_vocab(student_vocab: int, teacher_vocab: int) -> None:
-    if student_vocab != teacher_vocab:
+def _check_vocab(student_vocab: int, teacher_vocab: int, shared: int | None) -> None:
+    if shared is None and student_vocab != teacher_vocab:
         raise ValueError(
             f"teacher vocabulary ({teacher_vocab}) differs from the student's ({student_vocab}): "
-            "logit_kd needs a shared tokenizer; use SFT on teacher-written data, or a "
-            "cross-tokenizer objective"
+            "logit_kd needs a shared tokenizer (a padded vocabulary is handled once the tokenizers "
+            "are compared: distillery train does it); else use train.cross_tokenizer, or SFT on "
+            "teacher-written data"
         )
+    if shared is not None and shared > min(student_vocab, teacher_vocab):
+        raise ValueError(f"shared vocabulary {shared} exceeds a model's ({student_vocab}, {teacher_vocab})")
+
+
+def _check_labels_shared(targets: torch.Tensor, shared: int) -> None:
+    if bool((targets >= shared).any()):
+        raise ValueError(
+            f"the student's labels hold ids >= {shared}, outside the range both tokenizers share (a "
+            "token only the student has, e.g. in its chat template): use train.cross_tokenizer")
+
+
+def _first(x: torch.Tensor | None, n: int | None) -> torch.Tensor | None:
+    """``x[..., :n]`` (or ``x[:n]`` for a ``[vocab, hidden]`` weight): the shared id range."""
+    return x if x is None or n is None else x[:n]
 
 
 class SFTObjective:
@@ -102,7 +117,7 @@ class LogitKDObjective:
     """
 
     def __init__(self, spec: LossSpec | None = None, kd_ratio: float = 0.5, temperature: float = 1.0,
-                 cached: bool = False) -> None:
+                 cached: bool = False, shared_vocab: int | None = None) -> None:
         self.spec = spec or LossSpec(divergence="forward_kl", kd_ratio=kd_ratio, temperature=temperature)
         if cached and self.spec.form == "dense":
             self.spec = self.spec.model_copy(update={"form": "sparse"})
@@ -115,6 +130,9 @@ class LogitKDObjective:
                 "with a live teacher use form 'dense' or 'fused'"
             )
         self.cached = cached
+        # teacher and student share a tokenizer but not a vocabulary size (padded embedding rows,
+        # special tokens appended on one side): both distributions are taken over ids [0, n)
+        self.shared_vocab = shared_vocab
         self.needs_teacher = not cached
         self.trainable: list[nn.Module] = []
 
@@ -132,7 +150,7 @@ class LogitKDObjective:
             return loss, {**metrics, "count": loss_count(batch, self.spec)}
         if teacher is None:
             raise ValueError("logit_kd needs a teacher model (or a logit cache: teacher_cache)")
-        loss, metrics = live_kd_loss(self.spec, batch, student, teacher)
+        loss, metrics = live_kd_loss(self.spec, batch, student, teacher, self.shared_vocab)
         return loss, {**metrics, "count": loss_count(batch, self.spec)}
 
 
@@ -145,13 +163,17 @@ def loss_count(batch: dict[str, torch.Tensor], spec: LossSpec) -> float:
 
 
 def live_kd_loss(
-    spec: LossSpec, batch: dict[str, torch.Tensor], student: nn.Module, teacher: nn.Module
+    spec: LossSpec, batch: dict[str, torch.Tensor], student: nn.Module, teacher: nn.Module,
+    shared_vocab: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """``distillation_loss`` against a live teacher on ``batch``, shifted (``[:, :-1]`` vs labels ``[:, 1:]``).
 
     The teacher reads the batch on its own device (:func:`teacher_inputs`, under ``no_grad``)
     and its outputs come back to the student's. ``fused`` passes hidden states and lm_head
-    weights (the student's through its own, possibly DDP-wrapped, forward).
+    weights (the student's through its own, possibly DDP-wrapped, forward). ``shared_vocab = n``
+    compares the distributions over ids ``[0, n)`` only, renormalized on both sides: exact when
+    the rows beyond are padding or tokens the other side lacks (see
+    :func:`distillery.models.vocab.compare_tokenizers`).
     """
     targets, mask = shifted_targets(batch)
     t_in, device = teacher_inputs(batch, teacher), batch["input_ids"].device
@@ -159,16 +181,23 @@ def live_kd_loss(
         with torch.no_grad():
             t_hidden, t_weight, t_bias = lm_head_inputs(teacher, **t_in)
         s_hidden, s_weight, s_bias = lm_head_inputs(student, **_inputs(batch))
-        _check_vocab(s_weight.shape[0], t_weight.shape[0])
+        _check_vocab(s_weight.shape[0], t_weight.shape[0], shared_vocab)
+        n = shared_vocab
+        if n is not None:
+            _check_labels_shared(targets, n)
         return distillation_loss(
-            spec, student_hidden=s_hidden[:, :-1], lm_head_weight=s_weight, lm_head_bias=s_bias,
-            teacher_hidden=t_hidden[:, :-1].to(device), teacher_lm_head_weight=t_weight.to(device),
-            teacher_lm_head_bias=None if t_bias is None else t_bias.to(device), labels=targets, mask=mask,
+            spec, student_hidden=s_hidden[:, :-1], lm_head_weight=_first(s_weight, n),
+            lm_head_bias=_first(s_bias, n), teacher_hidden=t_hidden[:, :-1].to(device),
+            teacher_lm_head_weight=_first(t_weight, n).to(device),
+            teacher_lm_head_bias=None if t_bias is None else _first(t_bias, n).to(device), labels=targets, mask=mask,
         )
     s_logits = student(**_inputs(batch)).logits[:, :-1]
     with torch.no_grad():
         t_logits = teacher(**t_in).logits[:, :-1].to(device)
-    _check_vocab(s_logits.shape[-1], t_logits.shape[-1])
+    _check_vocab(s_logits.shape[-1], t_logits.shape[-1], shared_vocab)
+    if shared_vocab is not None:
+        _check_labels_shared(targets, shared_vocab)
+        s_logits, t_logits = s_logits[..., :shared_vocab], t_logits[..., :shared_vocab]
     return distillation_loss(spec, student_logits=s_logits, teacher_logits=t_logits, labels=targets, mask=mask)
 
 

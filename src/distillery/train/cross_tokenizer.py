@@ -1,0 +1,281 @@
+"""``logit_kd`` across tokenizers: data, batches and the objective (``train.cross_tokenizer``).
+
+Each record is tokenized twice, by the student and by the teacher, each with its own chat
+template (:func:`~distillery.train.alignment.align_messages`). Inside assistant turns the two
+token sequences are cut into groups that cover the same characters; the start of a group is a
+point where both models predict "the next token" after the very same text, so their next-token
+distributions are comparable there. One compared row per group:
+
+* the student's distribution at the position before its first token of the group, ``[N, Vs]``;
+* the teacher's at the position before its first token, ``[N, Vt]`` (live), or its cached top-k;
+* a mass move (``kind``) where the two first tokens differ in length:
+  ``CHAIN`` — the teacher spells the student's single token as several tokens t1…tc: the chain
+  probability P(t1)·P(t2|t1)·… is the teacher's probability of the student's token and moves
+  from t1's entry to it; ``COARSER`` — the teacher's first token reaches past the student's:
+  its probability belongs to the student's first token and moves there. ``SAME`` moves nothing.
+
+The loss is ``(ce_weight · Σ_tokens CE + Σ_rows Σ_i w_i D_i) / label tokens``: a mean over the
+student's label tokens (the loop's ``count``), so any split over micro-batches or processes takes
+the same step; positions inside a group (no common boundary) get the CE only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from distillery.config import CrossTokenizerConfig
+from distillery.logits.cache import CacheMismatchError, LogitCache
+from distillery.logits.capture import stored_positions
+from distillery.losses import LossSpec
+from distillery.losses.cross_tokenizer import (
+    cross_tokenizer_per_position,
+    map_teacher_to_student,
+    move_span_mass,
+)
+from distillery.losses.forms import cross_entropy_per_token
+from distillery.models.vocab import VocabMapping
+from distillery.train.alignment import AlignedExample, align_messages, group_starts
+from distillery.train.data import Collator
+from distillery.train.objectives import shifted_targets
+from distillery.train.packing import model_inputs
+
+SAME, CHAIN, COARSER = 0, 1, 2
+
+
+def compared_rows(ex: AlignedExample) -> dict[str, list]:
+    """One row per alignment group whose first tokens both have a position before them.
+
+    Returns lists of length N: ``student_pos``/``teacher_pos`` (the logit position that predicts
+    the group's first token: its index − 1), ``student_token``/``teacher_token`` (those first
+    tokens), ``kind`` (SAME, CHAIN, COARSER) and ``chain`` (the teacher token indices whose
+    probabilities multiply into the student's first token: t1…tc for CHAIN, t1 for COARSER).
+    """
+    starts = group_starts(ex)
+    rows: dict[str, list] = {k: [] for k in ("student_pos", "teacher_pos", "student_token",
+                                              "teacher_token", "kind", "chain")}
+    for s1, t1, end, tok in zip(starts["student_pos"], starts["teacher_pos"],
+                                starts["teacher_chain_end"], starts["student_token"]):
+        if s1 < 1 or t1 < 1:
+            continue
+        if end == t1:
+            kind, chain = SAME, []
+        elif end > t1:  # the teacher spells the student's token as t1..end
+            kind, chain = CHAIN, list(range(t1, end + 1))
+        else:  # the teacher's first token reaches past the student's: its mass is the student's
+            kind, chain = COARSER, [t1]
+        rows["student_pos"].append(s1 - 1)
+        rows["teacher_pos"].append(t1 - 1)
+        rows["student_token"].append(tok)
+        rows["teacher_token"].append(ex.teacher_input_ids[t1])
+        rows["kind"].append(kind)
+        rows["chain"].append(chain)
+    return rows
+
+
+class CrossTokenizerDataset(torch.utils.data.Dataset):
+    """Records tokenized by both tokenizers and aligned, once, up front.
+
+    With a ``cache`` (captured with the teacher's tokenizer and ``offsets``), every record's
+    teacher tokens and character offsets are checked against the cache's, so a cache made from
+    other text or another tokenizer is refused rather than misaligned; the teacher rows are then
+    read from it lazily.
+    """
+
+    def __init__(self, records: list[dict], student_tok: PreTrainedTokenizerBase,
+                 teacher_tok: PreTrainedTokenizerBase, max_len: int, cache: LogitCache | None = None) -> None:
+        self.items: list[dict] = []
+        self.cache = cache
+        for r in records:
+            ex = align_messages(r["messages"], student_tok, teacher_tok, max_len)
+            if not any(label != -100 for label in ex.student_labels):
+                continue
+            rows = compared_rows(ex)
+            item = {"input_ids": ex.student_input_ids, "labels": ex.student_labels,
+                    "teacher_input_ids": ex.teacher_input_ids, "rows": rows, "id": r.get("id")}
+            if cache is not None:
+                self._check_cached(r["id"], ex)
+                item["teacher_positions"] = stored_positions(ex.teacher_labels)
+            self.items.append(item)
+        if not self.items:
+            raise ValueError("no record has an assistant token left after truncation to max_seq_len")
+
+    def _check_cached(self, rid: str, ex: object) -> None:
+        if rid not in self.cache:
+            raise CacheMismatchError(f"record {rid!r} is not in the logit cache {self.cache.dir}: "
+                                     "capture this dataset with the teacher's tokenizer")
+        cached = self.cache[rid]
+        if not np.array_equal(cached.token_ids, np.asarray(ex.teacher_input_ids)):
+            raise CacheMismatchError(
+                f"record {rid!r}: the cached tokens differ from the teacher tokenizer's "
+                f"({len(cached.token_ids)} vs {len(ex.teacher_input_ids)} tokens): the cache was "
+                "captured from other text, another tokenizer or another max_seq_len")
+        if cached.offsets is None:
+            raise CacheMismatchError(f"logit cache {self.cache.dir} holds no token offsets: capture "
+                                     "it again with capture.offsets: true for a cross-tokenizer student")
+        if not np.array_equal(cached.offsets, np.asarray(ex.teacher_offsets)):
+            raise CacheMismatchError(f"record {rid!r}: the cached teacher offsets differ from the "
+                                     "alignment's (another tokenizer or chat template)")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.items[i]
+        if self.cache is None:
+            return item
+        return {**item, "teacher": _cached_rows(self.cache[item["id"]], item)}
+
+
+def _cached_rows(ex: object, item: dict) -> dict[str, np.ndarray]:
+    """The cached teacher top-k at the compared positions and each row's log mass to move.
+
+    A chain member whose actual token is outside the cached top-k has an unknown probability
+    (below the k-th): its chain moves nothing (log mass −inf).
+    """
+    row_of = {int(p): j for j, p in enumerate(item["teacher_positions"])}
+    rows, tokens = item["rows"], item["teacher_input_ids"]
+    idx = [row_of[p] for p in rows["teacher_pos"]]
+    log_mass = np.full(len(idx), -np.inf)
+    for n, chain in enumerate(rows["chain"]):
+        total = 0.0
+        for j in chain:
+            r = row_of[j - 1]
+            hit = np.nonzero(ex.ids[r] == tokens[j])[0]
+            total = total + (float(ex.logprobs[r][hit[0]]) if len(hit) else -np.inf)
+        if chain:
+            log_mass[n] = total
+    return {"ids": ex.ids[idx], "logprobs": ex.logprobs[idx], "log_tail": ex.log_tail[idx],
+            "log_mass": log_mass}
+
+
+@dataclass
+class CrossTokenizerCollator(Collator):
+    """Pads the student side as :class:`Collator`, the teacher's ids with its own pad id, and
+    flattens the compared rows of the batch: ``xt_*`` tensors of length N (rows of all items),
+    plus, for a cached teacher, ``xt_teacher_ids/logprobs [N, k]``, ``xt_teacher_log_tail`` and
+    ``xt_log_mass [N]``; for a live one the chain members ``xt_chain_{row,pos,token,seg} [M]``."""
+
+    teacher_pad_id: int = 0
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        batch = super().__call__([{"input_ids": it["input_ids"], "labels": it["labels"]} for it in items])
+        width = max(len(it["teacher_input_ids"]) for it in items)
+        t_ids = torch.full((len(items), width), self.teacher_pad_id, dtype=torch.long)
+        t_mask = torch.zeros((len(items), width), dtype=torch.long)
+        flat: dict[str, list] = {k: [] for k in ("row", "student_pos", "teacher_pos", "student_token",
+                                                  "teacher_token", "kind")}
+        chain: dict[str, list] = {k: [] for k in ("row", "pos", "token", "seg")}
+        for b, it in enumerate(items):
+            ids = it["teacher_input_ids"]
+            t_ids[b, : len(ids)] = torch.as_tensor(ids)
+            t_mask[b, : len(ids)] = 1
+            rows = it["rows"]
+            for n in range(len(rows["kind"])):
+                seg = len(flat["row"])
+                flat["row"].append(b)
+                for k in ("student_pos", "teacher_pos", "student_token", "teacher_token", "kind"):
+                    flat[k].append(rows[k][n])
+                for j in rows["chain"][n]:
+                    chain["row"].append(b)
+                    chain["pos"].append(j - 1)
+                    chain["token"].append(ids[j])
+                    chain["seg"].append(seg)
+        batch.update(teacher_input_ids=t_ids, teacher_attention_mask=t_mask)
+        batch.update({f"xt_{k}": torch.as_tensor(v, dtype=torch.long) for k, v in flat.items()})
+        batch.update({f"xt_chain_{k}": torch.as_tensor(v, dtype=torch.long) for k, v in chain.items()})
+        if "teacher" in items[0]:
+            cat = {k: np.concatenate([it["teacher"][k] for it in items]) for k in items[0]["teacher"]}
+            batch.update(xt_teacher_ids=torch.as_tensor(cat["ids"], dtype=torch.long),
+                         xt_teacher_logprobs=torch.as_tensor(cat["logprobs"], dtype=torch.float32),
+                         xt_teacher_log_tail=torch.as_tensor(cat["log_tail"], dtype=torch.float32),
+                         xt_log_mass=torch.as_tensor(cat["log_mass"], dtype=torch.float32))
+        return batch
+
+
+class CrossTokenizerKDObjective:
+    """``logit_kd`` from a teacher with another tokenizer: see the module doc.
+
+    ``mapping`` carries teacher ids to student ids (:func:`distillery.models.vocab.build_vocab_mapping`);
+    ``spec`` gives the divergence mix, temperature and CE weight; ``cfg`` the method.
+    """
+
+    def __init__(self, spec: LossSpec, cfg: CrossTokenizerConfig, mapping: VocabMapping,
+                 cached: bool = False) -> None:
+        self.spec, self.cfg, self.mapping, self.cached = spec, cfg, mapping, cached
+        self.method = cfg.resolved_method
+        self.needs_teacher = not cached
+        self.trainable: list[nn.Module] = []
+
+    def _live_teacher_rows(self, batch: dict[str, torch.Tensor], teacher: nn.Module
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Teacher top-k (or all) log-probs at the compared rows ``[N, k]``, tail, chain log mass ``[N]``."""
+        device = next(teacher.parameters()).device
+        with torch.no_grad():
+            logits = teacher(input_ids=batch["teacher_input_ids"].to(device),
+                             attention_mask=batch["teacher_attention_mask"].to(device)).logits
+            rows = F.log_softmax(logits[batch["xt_row"].to(device), batch["xt_teacher_pos"].to(device)].float(), -1)
+            n = rows.shape[0]
+            # chain members: log P(actual token) at each, summed per compared row
+            pos_lp = F.log_softmax(logits[batch["xt_chain_row"].to(device), batch["xt_chain_pos"].to(device)].float(), -1)
+            member = pos_lp.gather(-1, batch["xt_chain_token"].to(device)[:, None])[:, 0]
+            log_mass = torch.zeros(n, device=device).index_add(0, batch["xt_chain_seg"].to(device), member)
+            has_chain = torch.zeros(n, dtype=torch.bool, device=device)
+            has_chain[batch["xt_chain_seg"].to(device)] = True
+            log_mass = torch.where(has_chain, log_mass, torch.full_like(log_mass, -float("inf")))
+            if self.cfg.top_k is not None and self.cfg.top_k < rows.shape[-1]:
+                lp, ids = rows.topk(self.cfg.top_k, dim=-1)
+                log_tail = torch.log1p(-lp.exp().sum(-1).clamp(max=1 - 1e-7))
+            else:
+                # the whole distribution: nothing outside it (a None tail would be read as 1 − Σp)
+                lp, ids = rows, torch.arange(rows.shape[-1], device=device).expand_as(rows)
+                log_tail = torch.full((n,), -float("inf"), device=device)
+        return ids, lp, log_tail, log_mass
+
+    def loss(self, batch: dict[str, torch.Tensor], student: nn.Module, teacher: nn.Module | None
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        s_logits = student(**model_inputs(batch)).logits
+        device = s_logits.device
+        targets, mask = shifted_targets(batch)
+        n_tokens = float(mask.sum())
+        if self.cached:
+            t_ids, t_lp = batch["xt_teacher_ids"], batch["xt_teacher_logprobs"]
+            t_tail, log_mass = batch["xt_teacher_log_tail"], batch["xt_log_mass"]
+        else:
+            if teacher is None:
+                raise ValueError("cross-tokenizer logit_kd needs a teacher model (or a logit cache)")
+            t_ids, t_lp, t_tail, log_mass = self._live_teacher_rows(batch, teacher)
+        t_ids, t_lp, log_mass = t_ids.to(device), t_lp.to(device), log_mass.to(device)
+        t_tail = t_tail.to(device)
+        s_rows = s_logits[batch["xt_row"], batch["xt_student_pos"]]
+        per_row, parts = self._divergence(s_rows, t_ids, t_lp, t_tail, log_mass, batch)
+        ce_w = self.spec.resolved_ce_weight
+        ce_sum = cross_entropy_per_token(s_logits[:, :-1], targets)[mask].sum()
+        loss = (ce_w * ce_sum + per_row.sum()) / max(n_tokens, 1.0)
+        metrics = {"loss": float(loss.detach()), "ce": float(ce_sum.detach()) / max(n_tokens, 1.0),
+                   "compared_rows": float(per_row.shape[0]), "count": n_tokens}
+        metrics.update({f"kd/{k}": float(v.detach().mean()) if v.numel() else 0.0 for k, v in parts.items()})
+        return loss, metrics
+
+    def _divergence(self, s_rows: torch.Tensor, t_ids: torch.Tensor, t_lp: torch.Tensor,
+                    t_tail: torch.Tensor, log_mass: torch.Tensor, batch: dict[str, torch.Tensor]
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per compared row ``[N]``: the teacher carried to student ids, span mass moved, compared."""
+        device = s_rows.device
+        kw = {"terms": self.spec.terms(), "temperature": self.spec.temperature}
+        if self.method == "uld":
+            return cross_tokenizer_per_position(s_rows, t_ids, t_lp, t_tail, method="uld", **kw)
+        mapping = self.mapping.teacher_to_student.to(device)
+        if self.method == "hybrid":
+            kw.update(uld_weight=self.cfg.uld_weight, student_mapped=self.mapping.student_mapped.to(device),
+                      teacher_unmapped_logprobs=t_lp.masked_fill(mapping[t_ids] >= 0, -float("inf")))
+        ids, lp, tail = map_teacher_to_student(t_ids, t_lp, mapping, t_tail)
+        first = mapping[batch["xt_teacher_token"].to(device)]
+        ids, lp, tail = move_span_mass(ids, lp, tail, first, batch["xt_student_token"].to(device), log_mass)
+        return cross_tokenizer_per_position(s_rows, ids, lp, tail, method=self.method,
+                                            unmapped=self.cfg.unmapped, **kw)

@@ -1,0 +1,223 @@
+"""logit_kd from a teacher with another tokenizer (BPE teacher, unigram student), end to end.
+
+The objective's loss is checked against a float64 reference written with plain loops over the
+compared rows (teacher distribution carried to student ids by string, span mass moved, tail
+bucket), ULD likewise; the logit-cache path against the live one; a job trains and refuses
+a mismatched pair without ``train.cross_tokenizer``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from distillery.config import (
+    CaptureConfig,
+    CrossTokenizerConfig,
+    DataConfig,
+    ModelConfig,
+    TeacherConfig,
+    TrainConfig,
+    TrainJobConfig,
+)
+from distillery.logits.cache import CacheMismatchError, LogitCache
+from distillery.logits.capture import run_capture
+from distillery.losses import LossSpec
+from distillery.models import build_model, load_tokenizer, save_model, train_tokenizer
+from distillery.models.vocab import VocabMismatchError, build_vocab_mapping, token_bytes
+from distillery.records import JsonlWriter, ground_truth_records
+from distillery.tasks import load_problems
+from distillery.train.cross_tokenizer import (
+    CHAIN,
+    COARSER,
+    SAME,
+    CrossTokenizerCollator,
+    CrossTokenizerDataset,
+    CrossTokenizerKDObjective,
+)
+from distillery.train.job import run_train_job
+
+MAX_LEN = 64
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, task_cfg, tiny_tokenizer):
+    root = tmp_path_factory.mktemp("xtok")
+    records = ground_truth_records(load_problems(task_cfg, "train", 48, seed=0), "chain")
+    data = root / "records.jsonl"
+    writer = JsonlWriter(data)
+    writer.write(records)
+    writer.finish()
+    texts = [m["content"] for r in ground_truth_records(load_problems(task_cfg, "train", 400, seed=1), "chain")
+             for m in r["messages"]]
+    # unigram, digits allowed to merge: the teacher (single digits) spells some student tokens as chains
+    student_tok = train_tokenizer(texts, vocab_size=300, algorithm="unigram", split_digits=False)
+    student_tok.save_pretrained(root / "student_tok")
+    student_tok = load_tokenizer(str(root / "student_tok"))
+    torch.manual_seed(0)
+    teacher = build_model(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, tie_word_embeddings=False),
+                          tiny_tokenizer)
+    with torch.no_grad():  # a confident teacher: peaked distributions a student can measurably approach
+        teacher.get_output_embeddings().weight.mul_(40.0)
+    save_model(teacher, tiny_tokenizer, root / "teacher")
+    student = build_model(ModelConfig(hidden_size=32, num_layers=1, num_heads=2), student_tok)
+    return {"root": root, "records": records, "data": data, "student_tok": student_tok,
+            "teacher_tok": tiny_tokenizer, "teacher": teacher.eval(), "student": student.eval()}
+
+
+def _batch(s, n=8, cache=None):
+    ds = CrossTokenizerDataset(s["records"][:n], s["student_tok"], s["teacher_tok"], MAX_LEN, cache)
+    collate = CrossTokenizerCollator(s["student_tok"].pad_token_id, teacher_pad_id=s["teacher_tok"].pad_token_id)
+    return collate([ds[i] for i in range(len(ds))])
+
+
+def _objective(s, method, cached=False, **loss):
+    mapping = build_vocab_mapping(s["teacher_tok"], s["student_tok"], len(s["teacher_tok"]), len(s["student_tok"]))
+    cfg = CrossTokenizerConfig(method=method)
+    return CrossTokenizerKDObjective(LossSpec(divergence="forward_kl", **loss), cfg, mapping, cached), mapping
+
+
+def _logits(s, batch):
+    with torch.no_grad():
+        st = s["student"](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+        te = s["teacher"](input_ids=batch["teacher_input_ids"],
+                          attention_mask=batch["teacher_attention_mask"]).logits.double()
+    return st, te
+
+
+def test_rows_start_where_both_tokenizations_agree(setup):
+    batch = _batch(setup)
+    kinds = batch["xt_kind"].tolist()
+    assert kinds.count(SAME) and kinds.count(CHAIN), kinds  # both cases occur on this data
+    s_bytes, t_bytes = token_bytes(setup["student_tok"]), token_bytes(setup["teacher_tok"])
+    for n, kind in enumerate(kinds):
+        s_tok, t_tok = int(batch["xt_student_token"][n]), int(batch["xt_teacher_token"][n])
+        b, tp = int(batch["xt_row"][n]), int(batch["xt_teacher_pos"][n])
+        assert int(batch["teacher_input_ids"][b, tp + 1]) == t_tok
+        if kind == SAME:
+            assert s_bytes[s_tok] == t_bytes[t_tok]
+        elif kind == CHAIN:  # the chain's teacher tokens spell the student's token
+            seg = batch["xt_chain_seg"] == n
+            spelled = b"".join(t_bytes[int(t)] for t in batch["xt_chain_token"][seg])
+            assert spelled == s_bytes[s_tok]
+
+
+def _reference_vocab_map(setup, batch, mapping) -> float:
+    """Σ over compared rows of KL(teacher carried to student ids + moves ‖ student), tail bucket,
+    float64, plain loops; divided by the label tokens."""
+    st, te = _logits(setup, batch)
+    m = mapping.teacher_to_student.tolist()
+    total = 0.0
+    for n in range(len(batch["xt_row"])):
+        b = int(batch["xt_row"][n])
+        q = torch.softmax(st[b, int(batch["xt_student_pos"][n])], -1)
+        p = torch.softmax(te[b, int(batch["xt_teacher_pos"][n])], -1)
+        mapped, tail = {}, 0.0
+        for v, pv in enumerate(p.tolist()):
+            if m[v] >= 0:
+                mapped[m[v]] = mapped.get(m[v], 0.0) + pv
+            else:
+                tail += pv
+        seg = (batch["xt_chain_seg"] == n).nonzero()[:, 0].tolist()
+        if seg:
+            mass = 1.0
+            for j in seg:
+                probs = torch.softmax(te[int(batch["xt_chain_row"][j]), int(batch["xt_chain_pos"][j])], -1)
+                mass *= float(probs[int(batch["xt_chain_token"][j])])
+            src = m[int(batch["xt_teacher_token"][n])]
+            dst = int(batch["xt_student_token"][n])
+            have = mapped.get(src, 0.0) if src >= 0 else tail
+            moved = min(mass, have)
+            if src >= 0:
+                mapped[src] -= moved
+            else:
+                tail -= moved
+            mapped[dst] = mapped.get(dst, 0.0) + moved
+        q_tail = 1.0 - sum(float(q[i]) for i in mapped)
+        kl = sum(pv * math.log(pv / float(q[i])) for i, pv in mapped.items() if pv > 0)
+        if tail > 0:
+            kl += tail * math.log(tail / q_tail)
+        total += kl
+    return total / float((batch["labels"][:, 1:] != -100).sum())
+
+
+def test_vocab_map_loss_equals_float64_reference(setup):
+    batch = _batch(setup)
+    objective, mapping = _objective(setup, "vocab_map")
+    loss, metrics = objective.loss(batch, setup["student"], setup["teacher"])
+    ref = _reference_vocab_map(setup, batch, mapping)
+    assert metrics["count"] == float((batch["labels"][:, 1:] != -100).sum())
+    assert abs(float(loss.detach()) - ref) < 1e-4 * max(1.0, ref), (float(loss), ref)
+
+
+def test_uld_loss_equals_float64_reference(setup):
+    batch = _batch(setup)
+    objective, _ = _objective(setup, "uld")
+    loss, _ = objective.loss(batch, setup["student"], setup["teacher"])
+    st, te = _logits(setup, batch)
+    total = 0.0
+    for n in range(len(batch["xt_row"])):
+        b = int(batch["xt_row"][n])
+        q = sorted(torch.softmax(st[b, int(batch["xt_student_pos"][n])], -1).tolist(), reverse=True)
+        p = sorted(torch.softmax(te[b, int(batch["xt_teacher_pos"][n])], -1).tolist(), reverse=True)
+        width = max(len(p), len(q))
+        total += sum(abs(a - c) for a, c in zip(q + [0.0] * (width - len(q)), p + [0.0] * (width - len(p))))
+    ref = total / float((batch["labels"][:, 1:] != -100).sum())
+    assert abs(float(loss.detach()) - ref) < 1e-5 * max(1.0, ref)
+
+
+def test_split_batches_weighted_by_count_give_the_same_loss(setup):
+    """The loop weights micro-batches by ``count``: two halves must average to the whole."""
+    objective, _ = _objective(setup, "hybrid", kd_ratio=0.5)
+    whole, mw = objective.loss(_batch(setup, 8), setup["student"], setup["teacher"])
+    ds = CrossTokenizerDataset(setup["records"][:8], setup["student_tok"], setup["teacher_tok"], MAX_LEN)
+    collate = CrossTokenizerCollator(setup["student_tok"].pad_token_id, teacher_pad_id=setup["teacher_tok"].pad_token_id)
+    parts = [objective.loss(collate([ds[i] for i in idx]), setup["student"], setup["teacher"])
+             for idx in (range(0, 3), range(3, 8))]
+    combined = sum(float(loss.detach()) * m["count"] for loss, m in parts) / mw["count"]
+    assert abs(combined - float(whole.detach())) < 1e-5
+
+
+def test_cached_teacher_matches_live(setup):
+    root = setup["root"]
+    cfg = CaptureConfig(output_dir=str(root / "cache"), data=DataConfig(path=str(setup["data"])),
+                        teacher=TeacherConfig(model=str(root / "teacher"), device="cpu", dtype="float32"),
+                        k=len(setup["teacher_tok"]), max_seq_len=MAX_LEN, offsets=True)
+    manifest = run_capture(cfg, show_progress=False)
+    assert manifest.extra["tokenizer"] == str(root / "teacher")
+    cache = LogitCache(cfg.output_dir)
+    batch = _batch(setup, cache=cache)
+    live, _ = _objective(setup, "hybrid")[0].loss(batch, setup["student"], setup["teacher"])
+    cached, _ = _objective(setup, "hybrid", cached=True)[0].loss(batch, setup["student"], None)
+    # the codec keeps each position within 5e-4 nats of the true distribution
+    assert abs(float(cached.detach()) - float(live.detach())) < 2e-3 * max(1.0, float(live.detach()))
+    plain = CaptureConfig(**{**cfg.model_dump(), "output_dir": str(root / "cache_plain"), "offsets": False})
+    run_capture(plain, show_progress=False)
+    with pytest.raises(CacheMismatchError, match="offsets"):
+        _batch(setup, cache=LogitCache(plain.output_dir))
+
+
+def _job(setup, out, cross, steps=30):
+    train = TrainConfig(objective="logit_kd", steps=steps, batch_size=8, lr=3e-3, warmup_steps=2,
+                        max_seq_len=MAX_LEN, log_every=1, loss=LossSpec(divergence="forward_kl", kd_ratio=0.9),
+                        cross_tokenizer=cross)
+    return TrainJobConfig(output_dir=str(out), model=ModelConfig(hidden_size=32, num_layers=1, num_heads=2),
+                          tokenizer={"path": str(setup["root"] / "student_tok")},
+                          teacher=ModelConfig(path=str(setup["root"] / "teacher"), device="cpu"),
+                          data=DataConfig(path=str(setup["data"])), train=train)
+
+
+def test_job_trains_across_tokenizers_and_refuses_without_the_config(setup, tmp_path):
+    with pytest.raises(VocabMismatchError, match="cross_tokenizer"):
+        run_train_job(_job(setup, tmp_path / "refused", None), show_progress=False)
+    out = tmp_path / "student"
+    run_train_job(_job(setup, out, CrossTokenizerConfig(method="hybrid")), show_progress=False)
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    kd = [row["kd/forward_kl"] for row in log if "kd/forward_kl" in row]
+    assert np.mean(kd[-5:]) < 0.8 * np.mean(kd[:5]), kd
+    assert load_tokenizer(str(out)).get_vocab() == setup["student_tok"].get_vocab()
+    assert COARSER in (SAME, CHAIN, COARSER)  # the three kinds are distinct constants
