@@ -173,6 +173,13 @@ def test_html_renders_in_headless_chromium(run_dir, tmp_path):
     ink_rows = np.where((pixels < 0.9).any(axis=(1, 2)))[0]
     assert ink_rows.size > 0 and ink_rows.max() > 1500, "no plots rendered below the tables"
     assert pixels[1500:].std() > 0.02
+    # the accuracy plot (720 px wide, shown 1:1) is on screen: each model's bar colour, which
+    # nothing else on the page uses, covers as many pixels as in accuracy.png itself
+    plot = _png_pixels((run_dir / "accuracy.png").read_bytes())[..., :3]
+    for colour in ("#4c72b0", "#dd8452", "#55a868"):
+        rgb = np.array([int(colour[i : i + 2], 16) / 255 for i in (1, 3, 5)])
+        in_plot, on_screen = ((np.abs(img - rgb).max(axis=-1) < 4 / 255).sum() for img in (plot, pixels))
+        assert in_plot > 1000 and on_screen >= 0.9 * in_plot, colour
 
 
 def test_measure_speed_on_a_tiny_model(tiny_model_dir):

@@ -63,7 +63,7 @@ class JudgeItem:
 def as_items(rows: Iterable[JudgeItem | Mapping]) -> list[JudgeItem]:
     """Judge items from :class:`JudgeItem` objects or dicts.
 
-    A dict is ``{"id", "prompt", "answer" (or "output", as in ``evaluate_model``'s items),
+    A dict is ``{"id", "prompt", "answer" (or "output", preferred: ``evaluate_model``'s items),
     "reference"?}`` or an SFT record ``{"id", "messages", "reference"?}`` whose last user
     message is the question and last assistant message the answer. Ids must be unique.
     """
@@ -89,7 +89,9 @@ def _item_from_dict(row: Mapping, index: int) -> JudgeItem:
             raise ValueError(f"{where}: 'messages' needs a user and an assistant message")
         prompt, answer = user[-1], reply[-1]
     else:
-        prompt, answer = row.get("prompt"), row.get("answer", row.get("output"))
+        # evaluate_model's items hold both: "output" (the reply, what is judged) and "answer"
+        # (what the extractor found in it, None when nothing)
+        prompt, answer = row.get("prompt"), row["output"] if "output" in row else row.get("answer")
         if prompt is None or answer is None:
             raise ValueError(f"{where}: needs 'prompt' and 'answer' (or 'output'), or 'messages'; "
                              f"has {sorted(row)}")
