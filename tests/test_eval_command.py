@@ -137,5 +137,5 @@ def test_config_errors_name_the_key(tmp_path, monkeypatch):
     proc = subprocess.run([CLI, "eval", str(tmp_path / "bad.yaml"), "eval.num_problemz=3"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "did you mean 'eval.num_problems'" in proc.stderr
-    with pytest.raises(FileNotFoundError, match=r"models\.teacher: .* no config\.json"):
+    with pytest.raises(FileNotFoundError, match=r"models\.teacher: .* \(no config\.json\)"):
         run_eval_job(load_config(tmp_path / "bad.yaml", EvalJobConfig))
