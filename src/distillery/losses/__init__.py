@@ -1,7 +1,13 @@
 """Distillation losses: divergences, the CE mix, dense / sparse / fused-linear forms, feature and
-relation losses. The training loop calls :func:`distillation_loss` with a :class:`LossSpec`."""
+relation losses, cross-tokenizer losses (ULD, vocabulary mapping). The training loop calls :func:`distillation_loss` with a :class:`LossSpec`."""
 
 from distillery.losses.api import distillation_loss, fused_kd_loss_from_model, lm_head_inputs
+from distillery.losses.cross_tokenizer import (
+    cross_tokenizer_per_position,
+    map_teacher_to_student,
+    move_span_mass,
+    uld_distance,
+)
 from distillery.losses.divergences import (
     REGISTRY,
     Divergence,
@@ -33,6 +39,7 @@ __all__ = [
     "Term",
     "available_divergences",
     "cosine_gram",
+    "cross_tokenizer_per_position",
     "feature_loss",
     "distillation_loss",
     "forward_kl",
@@ -41,9 +48,12 @@ __all__ = [
     "get_divergence",
     "lm_head_inputs",
     "make_term",
+    "map_teacher_to_student",
+    "move_span_mass",
     "reduce_per_token",
     "register",
     "relation_loss",
     "resolve_mask",
     "token_weights",
+    "uld_distance",
 ]
