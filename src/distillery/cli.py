@@ -129,13 +129,15 @@ def train(
     Multi-process: `accelerate launch [--num_processes N] -m distillery.cli train CONFIG`.
     """
     _quiet_libraries()
+    from distillery.logits.cache import CacheMismatchError
+    from distillery.models.vocab import VocabMismatchError
     from distillery.train.checkpoint import CheckpointError
     from distillery.train.job import run_train_job
 
     cfg = _load_required(args, TrainJobConfig, "distillery train needs a config file")
     try:
         run_train_job(cfg, resume=resume)
-    except (CheckpointError, FileExistsError) as exc:
+    except (CheckpointError, FileExistsError, VocabMismatchError, CacheMismatchError) as exc:
         _fail(exc)
 
 
