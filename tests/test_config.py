@@ -381,7 +381,8 @@ def test_logit_kd_job_needs_a_teacher(tmp_path):
         ("data:\n  task: {}\n", "missing required key 'output_dir'"),
         ("output_dir: o\ndata: {}\n", "exactly one of data.path"),
         ("output_dir: o\ndata:\n  path: a.jsonl\n  task: {}\n", "exactly one of data.path"),
-        ("output_dir: o\ndata:\n  path: a.jsonl\n", "tokenizer"),  # nothing to train a tokenizer on
+        ("output_dir: o\ndata:\n  path: a.jsonl\ntrain:\n  cross_tokenizer: {}\n",
+         "cross_tokenizer applies to objective logit_kd"),
         ("output_dir: o\ndata:\n  task:\n    digits: [3, 1]\n", "min <= max"),
         ("output_dir: o\ndata:\n  task:\n    eval_fraction: 1.0\n", "eval_fraction"),
         ("output_dir: o\ndata:\n  task: {}\ntrain:\n  kd_ratio: 1.5\n", "train.kd_ratio"),
