@@ -183,7 +183,10 @@ def write_report(
     judged: dict | None = None, lm_eval: dict | None = None,
 ) -> dict:
     """metrics.json (scorecard, pitfall checks, judge, lm-eval), the plots, report.md and report.html."""
-    base = next((n for n in cfg.students if cfg.students[n].data == "ground_truth"), None)
+    # the baseline the other students are compared with, paired: the ground-truth student, else
+    # the first one trained by plain SFT (e.g. on the teacher's text, against a KD student)
+    base = next((n for n, s in cfg.students.items() if s.data == "ground_truth"),
+                next((n for n, s in cfg.students.items() if s.objective == "sft"), None))
     comparisons = compare_models(results, "teacher", cfg.eval, baseline=base)
     header, *notes = _report_sections(cfg, comparisons, results, data, teacher_dir)
     return write_eval_report(run_dir, cfg.eval, results, task=task_name(cfg.task), reference="teacher",
