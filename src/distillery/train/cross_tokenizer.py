@@ -81,10 +81,10 @@ def compared_rows(ex: AlignedExample) -> dict[str, list]:
 class CrossTokenizerDataset(torch.utils.data.Dataset):
     """Records tokenized by both tokenizers and aligned, once, up front.
 
-    With a ``cache`` (captured with the teacher's tokenizer and ``offsets``), every record's
-    teacher tokens and character offsets are checked against the cache's, so a cache made from
-    other text or another tokenizer is refused rather than misaligned; the teacher rows are then
-    read from it lazily.
+    With a ``cache`` (captured with the teacher's tokenizer and ``offsets``), every record must
+    be in it; its teacher rows are read lazily, and each is checked against the alignment's
+    tokens and character offsets as it is read, so a cache made from other text or another
+    tokenizer is refused rather than misaligned.
     """
 
     def __init__(self, records: list[dict], student_tok: PreTrainedTokenizerBase,
@@ -99,28 +99,31 @@ class CrossTokenizerDataset(torch.utils.data.Dataset):
             item = {"input_ids": ex.student_input_ids, "labels": ex.student_labels,
                     "teacher_input_ids": ex.teacher_input_ids, "rows": rows, "id": r.get("id")}
             if cache is not None:
-                self._check_cached(r["id"], ex)
-                item["teacher_positions"] = stored_positions(ex.teacher_labels)
+                if r["id"] not in cache:
+                    raise CacheMismatchError(f"record {r['id']!r} is not in the logit cache {cache.dir}: "
+                                             "capture this dataset with the teacher's tokenizer")
+                item.update(teacher_positions=stored_positions(ex.teacher_labels),
+                            teacher_offsets=ex.teacher_offsets)
             self.items.append(item)
         if not self.items:
             raise ValueError("no record has an assistant token left after truncation to max_seq_len")
 
-    def _check_cached(self, rid: str, ex: object) -> None:
-        if rid not in self.cache:
-            raise CacheMismatchError(f"record {rid!r} is not in the logit cache {self.cache.dir}: "
-                                     "capture this dataset with the teacher's tokenizer")
-        cached = self.cache[rid]
-        if not np.array_equal(cached.token_ids, np.asarray(ex.teacher_input_ids)):
+    def _checked(self, item: dict) -> object:
+        """The cached example of ``item``, decoded once and checked against the alignment's
+        teacher tokens and offsets (lazily, as :class:`~distillery.train.cached.CachedSFTDataset`)."""
+        rid, cached = item["id"], self.cache[item["id"]]
+        if not np.array_equal(cached.token_ids, np.asarray(item["teacher_input_ids"])):
             raise CacheMismatchError(
                 f"record {rid!r}: the cached tokens differ from the teacher tokenizer's "
-                f"({len(cached.token_ids)} vs {len(ex.teacher_input_ids)} tokens): the cache was "
+                f"({len(cached.token_ids)} vs {len(item['teacher_input_ids'])} tokens): the cache was "
                 "captured from other text, another tokenizer or another max_seq_len")
         if cached.offsets is None:
             raise CacheMismatchError(f"logit cache {self.cache.dir} holds no token offsets: capture "
                                      "it again with capture.offsets: true for a cross-tokenizer student")
-        if not np.array_equal(cached.offsets, np.asarray(ex.teacher_offsets)):
+        if not np.array_equal(cached.offsets, np.asarray(item["teacher_offsets"])):
             raise CacheMismatchError(f"record {rid!r}: the cached teacher offsets differ from the "
                                      "alignment's (another tokenizer or chat template)")
+        return cached
 
     def __len__(self) -> int:
         return len(self.items)
@@ -129,7 +132,7 @@ class CrossTokenizerDataset(torch.utils.data.Dataset):
         item = self.items[i]
         if self.cache is None:
             return item
-        return {**item, "teacher": _cached_rows(self.cache[item["id"]], item)}
+        return {**item, "teacher": _cached_rows(self._checked(item), item)}
 
 
 def _cached_rows(ex: object, item: dict) -> dict[str, np.ndarray]:

@@ -154,9 +154,7 @@ def training_parts(cfg: TrainJobConfig, records: list[dict], tokenizer: PreTrain
         dataset = SFTDataset(records, tokenizer, train.max_seq_len)
         collator = PackedCollator(pad, train.max_seq_len) if train.packing else Collator(pad)
     objective = build_objective(train, student=student, teacher=teacher,
-                                cached=cfg.teacher_cache is not None, tokenizer=tokenizer)
-    if shared is not None:
-        objective.shared_vocab = shared
+                                cached=cfg.teacher_cache is not None, tokenizer=tokenizer, shared_vocab=shared)
     return dataset, collator, objective
 
 

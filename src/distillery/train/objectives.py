@@ -255,12 +255,14 @@ def build_objective(
     teacher: nn.Module | None = None,
     cached: bool = False,
     tokenizer: object | None = None,
+    shared_vocab: int | None = None,
     **shorthand: float,
 ) -> Objective:
     """The objective a config names (``cfg.objective``), built from its ``loss``/``feature``/
     ``on_policy`` blocks. ``preference`` and ``reward`` bring their own datasets: they are set
     up by :func:`distillery.train.job.training_parts`.
 
+    ``shared_vocab``: logit_kd over the ids both tokenizers share (a padded vocabulary).
     A bare name (``build_objective("logit_kd", kd_ratio=0.5)``) is accepted for quick use.
     """
     if isinstance(cfg, str):
@@ -268,7 +270,7 @@ def build_objective(
     if cfg.objective == "sft":
         return SFTObjective()
     if cfg.objective == "logit_kd":
-        return LogitKDObjective(cfg.resolved_loss(), cached=cached)
+        return LogitKDObjective(cfg.resolved_loss(), cached=cached, shared_vocab=shared_vocab)
     if cached:
         raise ValueError(f"a logit cache (teacher_cache) feeds objective logit_kd, not {cfg.objective!r}")
     if cfg.objective == "feature_kd":
