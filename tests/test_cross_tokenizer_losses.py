@@ -13,6 +13,7 @@ from distillery.losses.cross_tokenizer import (
     cross_tokenizer_per_position,
     map_teacher_to_student,
     move_span_mass,
+    take_span_mass,
     uld_distance,
 )
 from distillery.losses.forms import dense_per_token, sparse_per_token
@@ -376,6 +377,23 @@ def test_move_span_mass_clamps_and_creates_the_destination():
     assert _as_dict(o_ids[1], o_lp[1]) == pytest.approx({0: 0.3, 2: 0.2, 4: 0.05})
     torch.testing.assert_close(o_tail.exp(), torch.tensor([0.4, 0.45], dtype=torch.float64))
     assert o_lp[0, 0] == NEG_INF  # emptied, not negative
+
+
+@FAST
+@given(seed=st.integers(0, 2**31 - 1), k=st.integers(1, 8))
+def test_take_span_mass_takes_the_moved_mass_from_the_token_only(seed, k):
+    n, vt = 6, 12
+    ids, lps, _ = _teacher_topk(seed, n, vt, min(k, vt))
+    g = torch.Generator().manual_seed(seed)
+    token = torch.randint(0, vt, (n,), generator=g)  # sometimes in the row, sometimes not
+    log_mass = torch.tensor([NEG_INF, -8.0, -3.0, -1.0, 0.0, 2.0], dtype=torch.float64)[torch.randperm(n, generator=g)]
+    got = take_span_mass(ids, lps, token, log_mass)
+    for r in range(n):
+        for i, x in zip(ids[r].tolist(), lps[r].tolist(), strict=True):
+            want = math.exp(x)
+            if i == int(token[r]):  # the plain way: subtract, never below zero
+                want = max(want - min(math.exp(float(log_mass[r])), want), 0.0)
+            assert math.isclose(math.exp(float(got[r, ids[r].tolist().index(i)])), want, rel_tol=1e-9, abs_tol=1e-15)
 
 
 # --------------------------------------------------------------------------------------------

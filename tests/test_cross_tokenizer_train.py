@@ -8,6 +8,7 @@ a mismatched pair without ``train.cross_tokenizer``.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -65,8 +66,30 @@ def setup(tmp_path_factory, task_cfg, tiny_tokenizer):
         teacher.get_output_embeddings().weight.mul_(40.0)
     save_model(teacher, tiny_tokenizer, root / "teacher")
     student = build_model(ModelConfig(hidden_size=32, num_layers=1, num_heads=2), student_tok)
+    # one token per digit: the tokenizations then differ only where the teacher writes `=-` and
+    # `;#-` as one token the student has not (COARSER rows whose first teacher token is unmapped)
+    split_tok = train_tokenizer(texts, vocab_size=300, algorithm="unigram", split_digits=True)
+    split_student = build_model(ModelConfig(hidden_size=32, num_layers=1, num_heads=2), split_tok)
     return {"root": root, "records": records, "data": data, "student_tok": student_tok,
-            "teacher_tok": tiny_tokenizer, "teacher": teacher.eval(), "student": student.eval()}
+            "teacher_tok": tiny_tokenizer, "teacher": teacher.eval(), "student": student.eval(),
+            "split_tok": split_tok, "split_student": split_student.eval()}
+
+
+def _which(s, student):
+    """The fixture with ``student`` ('merged' digits or 'split' digits) as its student. The split
+    student's teacher gives `=-` and `;#-` real mass everywhere (an output bias): the rows where
+    one of them is the teacher's first token then move much mass out of an unmapped token."""
+    if student == "merged":
+        return s
+    teacher = copy.deepcopy(s["teacher"])
+    head = teacher.get_output_embeddings()
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.zero_()
+        biased.bias[s["teacher_tok"].convert_tokens_to_ids(["=-", ";#-"])] = 40.0
+    teacher.set_output_embeddings(biased)
+    return {**s, "student_tok": s["split_tok"], "student": s["split_student"], "teacher": teacher.eval()}
 
 
 def _batch(s, n=8, cache=None):
@@ -106,37 +129,48 @@ def test_rows_start_where_both_tokenizations_agree(setup):
             assert spelled == s_bytes[s_tok]
 
 
-def _reference_vocab_map(setup, batch, mapping) -> float:
-    """Σ over compared rows of KL(teacher carried to student ids + moves ‖ student), tail bucket,
-    float64, plain loops; divided by the label tokens."""
+def _reference_rows(setup, batch, mapping):
+    """Per compared row, float64, plain loops: the student's probabilities ``q``, the teacher
+    carried to student ids with the span mass moved (``{student id: mass}`` and the tail), and
+    the teacher's unmapped entries (``{teacher id: mass}``) after that move."""
     st, te = _logits(setup, batch)
     m = mapping.teacher_to_student.tolist()
-    total = 0.0
     for n in range(len(batch["xt_row"])):
         b = int(batch["xt_row"][n])
         q = torch.softmax(st[b, int(batch["xt_student_pos"][n])], -1)
         p = torch.softmax(te[b, int(batch["xt_teacher_pos"][n])], -1)
-        mapped, tail = {}, 0.0
+        mapped, tail, unmapped = {}, 0.0, {}
         for v, pv in enumerate(p.tolist()):
             if m[v] >= 0:
                 mapped[m[v]] = mapped.get(m[v], 0.0) + pv
             else:
                 tail += pv
+                unmapped[v] = pv
         seg = (batch["xt_chain_seg"] == n).nonzero()[:, 0].tolist()
         if seg:
             mass = 1.0
             for j in seg:
                 probs = torch.softmax(te[int(batch["xt_chain_row"][j]), int(batch["xt_chain_pos"][j])], -1)
                 mass *= float(probs[int(batch["xt_chain_token"][j])])
-            src = m[int(batch["xt_teacher_token"][n])]
+            t1 = int(batch["xt_teacher_token"][n])
+            src = m[t1]
             dst = int(batch["xt_student_token"][n])
             have = mapped.get(src, 0.0) if src >= 0 else tail
             moved = min(mass, have)
             if src >= 0:
                 mapped[src] -= moved
-            else:
+            else:  # out of the tail: it was t1's unmapped mass, now the student token's
                 tail -= moved
+                unmapped[t1] -= min(moved, unmapped[t1])
             mapped[dst] = mapped.get(dst, 0.0) + moved
+        yield q, mapped, tail, unmapped
+
+
+def _reference_vocab_map(setup, batch, mapping) -> float:
+    """Σ over compared rows of KL(teacher carried to student ids + moves ‖ student), tail bucket,
+    float64, plain loops; divided by the label tokens."""
+    total = 0.0
+    for q, mapped, tail, _ in _reference_rows(setup, batch, mapping):
         q_tail = 1.0 - sum(float(q[i]) for i in mapped)
         kl = sum(pv * math.log(pv / float(q[i])) for i, pv in mapped.items() if pv > 0)
         if tail > 0:
@@ -152,6 +186,30 @@ def test_vocab_map_loss_equals_float64_reference(setup):
     ref = _reference_vocab_map(setup, batch, mapping)
     assert metrics["count"] == float((batch["labels"][:, 1:] != -100).sum())
     assert abs(float(loss.detach()) - ref) < 1e-4 * max(1.0, ref), (float(loss), ref)
+
+
+@pytest.mark.parametrize("student", ["merged", "split"])
+def test_hybrid_loss_equals_float64_reference(setup, student):
+    """vocab_map + ULD between the unmapped parts; mass moved from an unmapped first teacher
+    token (``=-`` onto the student's ``=``) is the student token's, not unmapped any more."""
+    s = _which(setup, student)
+    batch = _batch(s)
+    objective, mapping = _objective(s, "hybrid")
+    loss, metrics = objective.loss(batch, s["student"], s["teacher"])
+    free = (~mapping.student_mapped).nonzero()[:, 0].tolist()
+    uld = 0.0
+    for q, _, _, unmapped in _reference_rows(s, batch, mapping):
+        a = sorted((float(q[v]) for v in free), reverse=True)
+        b = sorted(unmapped.values(), reverse=True)
+        width = max(len(a), len(b))
+        uld += sum(abs(x - y) for x, y in zip(a + [0.0] * (width - len(a)), b + [0.0] * (width - len(b))))
+    count = float((batch["labels"][:, 1:] != -100).sum())
+    ref = _reference_vocab_map(s, batch, mapping) + uld / count
+    assert abs(float(loss.detach()) - ref) < 1e-4 * max(1.0, ref), (float(loss), ref)
+    assert metrics["kd/uld"] == pytest.approx(uld / len(batch["xt_row"]), rel=1e-4, abs=1e-7)
+    if student == "split":
+        kinds = batch["xt_kind"].tolist()
+        assert kinds.count(COARSER) >= 1 and not kinds.count(CHAIN), kinds
 
 
 def test_uld_loss_equals_float64_reference(setup):
@@ -220,4 +278,3 @@ def test_job_trains_across_tokenizers_and_refuses_without_the_config(setup, tmp_
     kd = [row["kd/forward_kl"] for row in log if "kd/forward_kl" in row]
     assert np.mean(kd[-5:]) < 0.8 * np.mean(kd[:5]), kd
     assert load_tokenizer(str(out)).get_vocab() == setup["student_tok"].get_vocab()
-    assert COARSER in (SAME, CHAIN, COARSER)  # the three kinds are distinct constants

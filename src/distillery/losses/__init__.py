@@ -6,6 +6,7 @@ from distillery.losses.cross_tokenizer import (
     cross_tokenizer_per_position,
     map_teacher_to_student,
     move_span_mass,
+    take_span_mass,
     uld_distance,
 )
 from distillery.losses.divergences import (
@@ -54,6 +55,7 @@ __all__ = [
     "register",
     "relation_loss",
     "resolve_mask",
+    "take_span_mass",
     "token_weights",
     "uld_distance",
 ]

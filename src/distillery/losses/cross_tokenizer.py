@@ -47,6 +47,7 @@ __all__ = [
     "cross_tokenizer_per_position",
     "map_teacher_to_student",
     "move_span_mass",
+    "take_span_mass",
     "uld_distance",
 ]
 
@@ -291,6 +292,25 @@ def move_span_mass(
         torch.cat([new_lp, extra_lp[:, None]], dim=-1),
         new_tail,
     )
+
+
+def take_span_mass(ids: Tensor, logprobs: Tensor, token: Tensor, log_mass: Tensor) -> Tensor:
+    """``logprobs [N, k]`` with ``exp(log_mass) [N]`` taken out of the entry of ``token [N]``
+    (clamped to what it holds; a row without that entry, or with ``log_mass`` −inf, is kept).
+
+    Use: in the teacher's own ids, the mass :func:`move_span_mass` gave to the student's token
+    came out of the teacher's first token t1. ``hybrid`` compares the teacher's *unmapped*
+    entries with ULD; when t1 is unmapped (teacher ``=-``, student ``=`` ``-``) its moved mass
+    is already on the student's token and must leave the unmapped list, else it counts twice
+    (the whole row's mass, at every such position).
+    """
+    _check_sparse(ids, logprobs, None, "take_span_mass")
+    lp = upcast(logprobs)
+    slot, here = _locate(ids.long(), lp, token.long())
+    have = lp.gather(-1, slot[:, None]).squeeze(-1)
+    left = _log_sub(have, torch.minimum(upcast(log_mass).to(lp.dtype), have))
+    at = (torch.arange(ids.shape[-1], device=ids.device) == slot[:, None]) & here[:, None]
+    return torch.where(at, left[:, None], lp)
 
 
 # --------------------------------------------------------------------------------------------

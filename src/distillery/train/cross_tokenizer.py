@@ -37,6 +37,7 @@ from distillery.losses.cross_tokenizer import (
     cross_tokenizer_per_position,
     map_teacher_to_student,
     move_span_mass,
+    take_span_mass,
 )
 from distillery.losses.forms import cross_entropy_per_token
 from distillery.models.vocab import VocabMapping
@@ -274,11 +275,13 @@ class CrossTokenizerKDObjective:
         if self.method == "uld":
             return cross_tokenizer_per_position(s_rows, t_ids, t_lp, t_tail, method="uld", **kw)
         mapping = self.mapping.teacher_to_student.to(device)
+        t1 = batch["xt_teacher_token"].to(device)
         if self.method == "hybrid":
+            # what move_span_mass gives the student's token below is no longer unmapped mass
+            unmapped = take_span_mass(t_ids, t_lp, t1, log_mass).masked_fill(mapping[t_ids] >= 0, -float("inf"))
             kw.update(uld_weight=self.cfg.uld_weight, student_mapped=self.mapping.student_mapped.to(device),
-                      teacher_unmapped_logprobs=t_lp.masked_fill(mapping[t_ids] >= 0, -float("inf")))
+                      teacher_unmapped_logprobs=unmapped)
         ids, lp, tail = map_teacher_to_student(t_ids, t_lp, mapping, t_tail)
-        first = mapping[batch["xt_teacher_token"].to(device)]
-        ids, lp, tail = move_span_mass(ids, lp, tail, first, batch["xt_student_token"].to(device), log_mass)
+        ids, lp, tail = move_span_mass(ids, lp, tail, mapping[t1], batch["xt_student_token"].to(device), log_mass)
         return cross_tokenizer_per_position(s_rows, ids, lp, tail, method=self.method,
                                             unmapped=self.cfg.unmapped, **kw)
