@@ -176,8 +176,8 @@ def test_empty_content_and_truncation(toks):
 
 @pytest.mark.parametrize("pair", PAIRS)
 def test_group_starts_chain_ends(toks, pair):
-    """teacher_chain_end >= 0 exactly when teacher tokens from the group's first spell the
-    student's first token, checked on the bytes."""
+    """teacher_chain_end is where the teacher tokens from the group's first spell the student's
+    first token (exact) or first reach past it (not exact), checked on the bytes."""
     s_tok, t_tok = toks[pair[0]], toks[pair[1]]
     ex = align_messages(conversation(CRAFTED[0] + " " + CRAFTED[1], CRAFTED[2]), s_tok, t_tok, max_len=512)
     starts = group_starts(ex)
@@ -186,16 +186,21 @@ def test_group_starts_chain_ends(toks, pair):
     for n, (g_s, g_t) in enumerate(ex.groups):
         assert (starts["student_pos"][n], starts["teacher_pos"][n]) == (g_s[0], g_t[0])
         assert starts["student_token"][n] == ex.student_input_ids[g_s[0]]
-        end = starts["teacher_chain_end"][n]
+        end, exact = starts["teacher_chain_end"][n], starts["teacher_chain_exact"][n]
         if ex.student_offsets[g_s[0]] == NO_SPAN:
-            assert end == g_t[0]
+            assert (end, exact) == (g_t[0], True)
             continue
         target = s_bytes[ex.student_input_ids[g_s[0]]]
         spelled = [b"".join(t_bytes[ex.teacher_input_ids[k]] for k in g_t[: i + 1]) for i in range(len(g_t))]
-        if end >= 0:
-            assert spelled[g_t.index(end)] == target
-        elif _utf8(target):  # a byte piece of a character has no chain
+        at = g_t.index(end)
+        if exact:
+            assert spelled[at] == target
+        elif _utf8(target):  # reaches past: the shorter prefixes stay inside the student's token
             assert target not in spelled
+            assert spelled[at].startswith(target) and len(spelled[at]) > len(target)
+            assert all(len(x) < len(target) for x in spelled[:at])
+        else:  # a byte piece of a character: the teacher's first token covers the character
+            assert at == 0
 
 
 def test_chain_when_the_teacher_splits_digits_finer(toks):
@@ -204,6 +209,7 @@ def test_chain_when_the_teacher_splits_digits_finer(toks):
     first_len = len(token_bytes(toks["bpe_merged"])[starts["student_token"][0]])
     assert first_len > 1
     assert starts["teacher_chain_end"][0] == starts["teacher_pos"][0] + first_len - 1
+    assert starts["teacher_chain_exact"][0]
 
 
 def _utf8(raw: bytes) -> bool:

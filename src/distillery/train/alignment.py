@@ -200,34 +200,42 @@ def content_offsets(messages: list[dict], tokenizer: PreTrainedTokenizerBase, ma
     return _tokenize_side(messages, tokenizer).offsets[:max_len]
 
 
-def _chain_end(example: AlignedExample, g_s: list[int], g_t: list[int]) -> int:
-    """The last teacher index whose tokens, from the group's first, spell exactly the student's
-    first token; -1 when the teacher's first tokens cross that token's end."""
+def _chain_end(example: AlignedExample, g_s: list[int], g_t: list[int]) -> tuple[int, bool]:
+    """The teacher tokens that cover the student's first token, from the group's first:
+    ``(last index, exact)``. Exact: they spell it exactly. Not exact: the last one reaches past
+    its end (a teacher token that is coarser there), or the student's first token is a byte
+    piece of a character (then the teacher's first token, which covers the whole character)."""
     if example.student_offsets[g_s[0]] == NO_SPAN:
-        return g_t[0]  # end of turn: the first closing tokens stand for each other
+        return g_t[0], True  # end of turn: the first closing tokens stand for each other
     s_units = _units([example.student_offsets[k] for k in g_s])
     if s_units[0][0][-1] != 0:
-        return -1  # the student's first token is part of a character, or covers none
+        return g_t[0], False  # the student's first token is part of a character, or covers none
     end = s_units[0][1]
-    t_units = _units([example.teacher_offsets[k] for k in g_t])
-    return next((g_t[unit[-1]] for unit, t_end in t_units if t_end == end), -1)
+    for unit, t_end in _units([example.teacher_offsets[k] for k in g_t]):
+        if t_end >= end:
+            return g_t[unit[-1]], t_end == end
+    return g_t[-1], False  # unreachable: a group's two sides end on one boundary
 
 
-def group_starts(example: AlignedExample) -> dict[str, list[int]]:
+def group_starts(example: AlignedExample) -> dict[str, list]:
     """Per group, where it starts on each side: lists of length ``[n_groups]``, ready for
     ``torch.tensor``.
 
     ``student_pos`` / ``teacher_pos``: the group's first token index on each side.
     ``student_token``: the student's first token id. ``teacher_chain_end``: the last teacher
-    index ``k`` such that teacher tokens ``teacher_pos..k`` spell exactly the student's first
-    token (``k == teacher_pos`` when the teacher's first token is the same text; further when the
-    teacher splits it finer), or -1 when the teacher's first token reaches past it. In an
-    end-of-turn group it is ``teacher_pos``: the two sides' first closing tokens correspond.
+    index ``k`` of the tokens ``teacher_pos..k`` that cover the student's first token, and
+    ``teacher_chain_exact``: whether they spell exactly it (``k == teacher_pos`` when the
+    teacher's first token is the same text; further when the teacher splits it finer) or the
+    last of them reaches past it. In an end-of-turn group the two sides' first closing tokens
+    correspond: ``teacher_pos``, exact.
     """
-    out: dict[str, list[int]] = {"student_pos": [], "teacher_pos": [], "teacher_chain_end": [], "student_token": []}
+    out: dict[str, list] = {k: [] for k in ("student_pos", "teacher_pos", "teacher_chain_end",
+                                            "teacher_chain_exact", "student_token")}
     for g_s, g_t in example.groups:
+        end, exact = _chain_end(example, g_s, g_t)
         out["student_pos"].append(g_s[0])
         out["teacher_pos"].append(g_t[0])
-        out["teacher_chain_end"].append(_chain_end(example, g_s, g_t))
+        out["teacher_chain_end"].append(end)
+        out["teacher_chain_exact"].append(exact)
         out["student_token"].append(example.student_input_ids[g_s[0]])
     return out

@@ -11,8 +11,11 @@ distributions are comparable there. One compared row per group:
 * a mass move (``kind``) where the two first tokens differ in length:
   ``CHAIN`` — the teacher spells the student's single token as several tokens t1…tc: the chain
   probability P(t1)·P(t2|t1)·… is the teacher's probability of the student's token and moves
-  from t1's entry to it; ``COARSER`` — the teacher's first token reaches past the student's:
-  its probability belongs to the student's first token and moves there. ``SAME`` moves nothing.
+  from t1's entry to it; ``COARSER`` — the teacher's tokens t1…tc reach past the student's
+  token (t1 itself, as ``=-`` against ``=`` ``-``, or a later one, as ``0`` ``;#-`` against
+  ``0;#`` ``-``): the text they spell begins with the student's token, so their chain
+  probability is part of the student token's probability (a lower bound of it) and moves there.
+  ``SAME`` moves nothing.
 
 The loss is ``(ce_weight · Σ_tokens CE + Σ_rows Σ_i w_i D_i) / label tokens``: a mean over the
 student's label tokens (the loop's ``count``), so any split over micro-batches or processes takes
@@ -54,22 +57,22 @@ def compared_rows(ex: AlignedExample) -> dict[str, list]:
 
     Returns lists of length N: ``student_pos``/``teacher_pos`` (the logit position that predicts
     the group's first token: its index − 1), ``student_token``/``teacher_token`` (those first
-    tokens), ``kind`` (SAME, CHAIN, COARSER) and ``chain`` (the teacher token indices whose
-    probabilities multiply into the student's first token: t1…tc for CHAIN, t1 for COARSER).
+    tokens), ``kind`` (SAME, CHAIN, COARSER) and ``chain`` (the teacher token indices t1…tc
+    whose probabilities multiply into the mass moved to the student's first token; empty for SAME).
     """
     starts = group_starts(ex)
     rows: dict[str, list] = {k: [] for k in ("student_pos", "teacher_pos", "student_token",
                                               "teacher_token", "kind", "chain")}
-    for s1, t1, end, tok in zip(starts["student_pos"], starts["teacher_pos"],
-                                starts["teacher_chain_end"], starts["student_token"]):
+    for s1, t1, end, exact, tok in zip(starts["student_pos"], starts["teacher_pos"], starts["teacher_chain_end"],
+                                       starts["teacher_chain_exact"], starts["student_token"]):
         if s1 < 1 or t1 < 1:
             continue
-        if end == t1:
+        if exact and end == t1:
             kind, chain = SAME, []
-        elif end > t1:  # the teacher spells the student's token as t1..end
+        elif exact:  # the teacher spells the student's token as t1..end
             kind, chain = CHAIN, list(range(t1, end + 1))
-        else:  # the teacher's first token reaches past the student's: its mass is the student's
-            kind, chain = COARSER, [t1]
+        else:  # t1..end reach past the student's token: their chain is part of its probability
+            kind, chain = COARSER, list(range(t1, end + 1))
         rows["student_pos"].append(s1 - 1)
         rows["teacher_pos"].append(t1 - 1)
         rows["student_token"].append(tok)
