@@ -170,6 +170,23 @@ def _reference_rows(setup, batch, mapping):
         yield q, mapped, tail, unmapped
 
 
+def _reference_inside_ce(setup, batch, weight: float = 1.0) -> float:
+    """``weight`` × Σ CE over the student's label tokens that start no compared row (inside a
+    group), float64, plain loops; divided by the label tokens."""
+    st, _ = _logits(setup, batch)
+    rows = {(int(b), int(p)) for b, p in zip(batch["xt_row"], batch["xt_student_pos"], strict=True)}
+    total, count = 0.0, 0
+    for b in range(batch["labels"].shape[0]):
+        for p in range(batch["labels"].shape[1] - 1):
+            label = int(batch["labels"][b, p + 1])
+            if label == -100:
+                continue
+            count += 1
+            if (b, p) not in rows:
+                total -= float(torch.log_softmax(st[b, p], -1)[label])
+    return weight * total / count
+
+
 def _reference_vocab_map(setup, batch, mapping) -> float:
     """Σ over compared rows of KL(teacher carried to student ids + moves ‖ student), tail bucket,
     float64, plain loops; divided by the label tokens."""
@@ -187,7 +204,7 @@ def test_vocab_map_loss_equals_float64_reference(setup):
     batch = _batch(setup)
     objective, mapping = _objective(setup, "vocab_map")
     loss, metrics = objective.loss(batch, setup["student"], setup["teacher"])
-    ref = _reference_vocab_map(setup, batch, mapping)
+    ref = _reference_vocab_map(setup, batch, mapping) + _reference_inside_ce(setup, batch)
     assert metrics["count"] == float((batch["labels"][:, 1:] != -100).sum())
     assert abs(float(loss.detach()) - ref) < 1e-4 * max(1.0, ref), (float(loss), ref)
 
@@ -208,12 +225,29 @@ def test_hybrid_loss_equals_float64_reference(setup, student):
         width = max(len(a), len(b))
         uld += sum(abs(x - y) for x, y in zip(a + [0.0] * (width - len(a)), b + [0.0] * (width - len(b))))
     count = float((batch["labels"][:, 1:] != -100).sum())
-    ref = _reference_vocab_map(s, batch, mapping) + uld / count
+    ref = _reference_vocab_map(s, batch, mapping) + uld / count + _reference_inside_ce(s, batch)
     assert abs(float(loss.detach()) - ref) < 1e-4 * max(1.0, ref), (float(loss), ref)
     assert metrics["kd/uld"] == pytest.approx(uld / len(batch["xt_row"]), rel=1e-4, abs=1e-7)
     if student == "split":
         kinds = batch["xt_kind"].tolist()
         assert kinds.count(COARSER) >= 1 and not kinds.count(CHAIN), kinds
+
+
+@pytest.mark.parametrize("method", ["vocab_map", "uld", "hybrid"])
+def test_kd_ratio_splits_plain_ce_from_distillation(setup, method):
+    """kd_ratio 0 is SFT exactly, whatever the method (ULD too); kd_ratio r is (1 − r)·CE plus
+    r × the pure distillation loss (which holds the CE of tokens inside groups)."""
+    s = _which(setup, "split")
+    batch = _batch(s)
+    st, _ = _logits(s, batch)
+    targets, mask = batch["labels"][:, 1:], batch["labels"][:, 1:] != -100
+    sft = float(torch.nn.functional.cross_entropy(st[:, :-1][mask], targets[mask]))
+    loss = {r: float(_objective(s, method, kd_ratio=r)[0].loss(batch, s["student"], s["teacher"])[0].detach())
+            for r in (0.0, 0.5)}
+    pure = float(_objective(s, method)[0].loss(batch, s["student"], s["teacher"])[0].detach())
+    assert abs(loss[0.0] - sft) < 1e-5 * sft
+    assert abs(loss[0.5] - (0.5 * sft + 0.5 * pure)) < 1e-5 * pure
+    assert abs(pure - sft) > 1e-3  # the distillation part is not the CE in disguise
 
 
 def test_uld_loss_equals_float64_reference(setup):
@@ -228,7 +262,7 @@ def test_uld_loss_equals_float64_reference(setup):
         p = sorted(torch.softmax(te[b, int(batch["xt_teacher_pos"][n])], -1).tolist(), reverse=True)
         width = max(len(p), len(q))
         total += sum(abs(a - c) for a, c in zip(q + [0.0] * (width - len(q)), p + [0.0] * (width - len(p))))
-    ref = total / float((batch["labels"][:, 1:] != -100).sum())
+    ref = total / float((batch["labels"][:, 1:] != -100).sum()) + _reference_inside_ce(setup, batch)
     assert abs(float(loss.detach()) - ref) < 1e-5 * max(1.0, ref)
 
 

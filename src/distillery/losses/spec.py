@@ -125,14 +125,21 @@ class LossSpec(BaseModel):
             return 1.0 - self.kd_ratio
         return 0.0 if self.ce_weight is None else self.ce_weight
 
+    @property
+    def resolved_kd_weight(self) -> float:
+        """The divergences' total weight after the ``kd_ratio`` shorthand, before any T² scaling."""
+        if self.mix is not None:
+            return sum(m.weight for m in self.mix)
+        if self.kd_ratio is not None:
+            return self.kd_ratio
+        return 1.0 if self.kd_weight is None else self.kd_weight
+
     def terms(self) -> list[Term]:
         """The weighted divergences ``[(D_i, w_i, params)]``, with T² folded in if asked."""
         scale = self.temperature**2 if self.scale_by_t2 else 1.0
         if self.mix is not None:
             return [m.to_term(scale) for m in self.mix]
-        weight = self.kd_ratio if self.kd_ratio is not None else (
-            1.0 if self.kd_weight is None else self.kd_weight
-        )
+        weight = self.resolved_kd_weight
         normalize = self.jsd_normalize if self.divergence == "jsd" else None
         return [
             make_term(

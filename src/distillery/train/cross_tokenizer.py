@@ -17,9 +17,14 @@ distributions are comparable there. One compared row per group:
   probability is part of the student token's probability (a lower bound of it) and moves there.
   ``SAME`` moves nothing.
 
-The loss is ``(ce_weight · Σ_tokens CE + Σ_rows Σ_i w_i D_i) / label tokens``: a mean over the
-student's label tokens (the loop's ``count``), so any split over micro-batches or processes takes
-the same step; positions inside a group (no common boundary) get the CE only.
+The loss is ``(ce_weight · Σ_tokens CE + kd_weight · Σ_inside CE + Σ_rows Σ_i w_i D_i) / label
+tokens``: a mean over the student's label tokens (the loop's ``count``), so any split over
+micro-batches or processes takes the same step. A student token inside a group (after its first
+token: the student's ``-`` of the teacher's ``=-``) has no teacher distribution conditioned on the
+same text; there the text stands in for the teacher, and the token's CE takes the divergences'
+weight too (``kd_weight``, before T²), so every label token carries the same total weight as under
+same-tokenizer ``logit_kd``. Without it those tokens (on the demo task: the sign of every negative
+result) learned at ``ce_weight`` alone, half the rate of every other token at ``kd_ratio: 0.5``.
 """
 
 from __future__ import annotations
@@ -261,9 +266,12 @@ class CrossTokenizerKDObjective:
         t_tail = t_tail.to(device)
         s_rows = s_logits[batch["xt_row"], batch["xt_student_pos"]]
         per_row, parts = self._divergence(s_rows, t_ids, t_lp, t_tail, log_mass, batch)
-        ce_w = self.spec.resolved_ce_weight
-        ce_sum = cross_entropy_per_token(s_logits[:, :-1], targets)[mask].sum()
-        loss = (ce_w * ce_sum + per_row.sum()) / max(n_tokens, 1.0)
+        ce = cross_entropy_per_token(s_logits[:, :-1], targets)  # [batch, seq - 1]
+        compared = torch.zeros_like(mask)
+        compared[batch["xt_row"], batch["xt_student_pos"]] = True
+        weight = self.spec.resolved_ce_weight + self.spec.resolved_kd_weight * (~compared).to(ce.dtype)
+        ce_sum = ce[mask].sum()
+        loss = ((ce * weight)[mask].sum() + per_row.sum()) / max(n_tokens, 1.0)
         metrics = {"loss": float(loss.detach()), "ce": float(ce_sum.detach()) / max(n_tokens, 1.0),
                    "compared_rows": float(per_row.shape[0]), "count": n_tokens}
         metrics.update({f"kd/{k}": float(v.detach().mean()) if v.numel() else 0.0 for k, v in parts.items()})
@@ -275,14 +283,19 @@ class CrossTokenizerKDObjective:
         """Per compared row ``[N]``: the teacher carried to student ids, span mass moved, compared."""
         device = s_rows.device
         kw = {"terms": self.spec.terms(), "temperature": self.spec.temperature}
+        # ULD takes the divergences' weight too (kd_ratio splits CE from distillation, whichever
+        # distance measures it); hybrid's uld_weight is relative to it
+        spec = self.spec
+        uld_scale = spec.resolved_kd_weight * (spec.temperature**2 if spec.scale_by_t2 else 1.0)
         if self.method == "uld":
-            return cross_tokenizer_per_position(s_rows, t_ids, t_lp, t_tail, method="uld", **kw)
+            uld, parts = cross_tokenizer_per_position(s_rows, t_ids, t_lp, t_tail, method="uld", **kw)
+            return uld_scale * uld, parts
         mapping = self.mapping.teacher_to_student.to(device)
         t1 = batch["xt_teacher_token"].to(device)
         if self.method == "hybrid":
             # what move_span_mass gives the student's token below is no longer unmapped mass
             unmapped = take_span_mass(t_ids, t_lp, t1, log_mass).masked_fill(mapping[t_ids] >= 0, -float("inf"))
-            kw.update(uld_weight=self.cfg.uld_weight, student_mapped=self.mapping.student_mapped.to(device),
+            kw.update(uld_weight=self.cfg.uld_weight * uld_scale, student_mapped=self.mapping.student_mapped.to(device),
                       teacher_unmapped_logprobs=unmapped)
         ids, lp, tail = map_teacher_to_student(t_ids, t_lp, mapping, t_tail)
         ids, lp, tail = move_span_mass(ids, lp, tail, mapping[t1], batch["xt_student_token"].to(device), log_mass)
