@@ -383,6 +383,8 @@ def test_logit_kd_job_needs_a_teacher(tmp_path):
         ("output_dir: o\ndata:\n  path: a.jsonl\n  task: {}\n", "exactly one of data.path"),
         ("output_dir: o\ndata:\n  path: a.jsonl\ntrain:\n  cross_tokenizer: {}\n",
          "cross_tokenizer applies to objective logit_kd"),
+        ("output_dir: o\ndata:\n  path: a.jsonl\nteacher: {path: t}\ntrain:\n  objective: logit_kd\n"
+         "  cross_tokenizer: {method: hybrid, unmapped: renormalize}\n", "needs unmapped: tail_bucket"),
         ("output_dir: o\ndata:\n  task:\n    digits: [3, 1]\n", "min <= max"),
         ("output_dir: o\ndata:\n  task:\n    eval_fraction: 1.0\n", "eval_fraction"),
         ("output_dir: o\ndata:\n  task: {}\ntrain:\n  kd_ratio: 1.5\n", "train.kd_ratio"),
@@ -391,6 +393,18 @@ def test_logit_kd_job_needs_a_teacher(tmp_path):
 def test_train_job_validation_errors(tmp_path, text, needle):
     msg = _error(_write(tmp_path, text), TrainJobConfig)
     assert needle in msg
+
+
+@pytest.mark.parametrize(("given", "method", "unmapped"), [
+    ({}, "vocab_map", "renormalize"),
+    ({"method": "hybrid"}, "hybrid", "tail_bucket"),
+    ({"method": "vocab_map", "unmapped": "tail_bucket"}, "vocab_map", "tail_bucket"),
+])
+def test_cross_tokenizer_defaults_resolve_per_method(given, method, unmapped):
+    from distillery.config import CrossTokenizerConfig
+
+    cfg = CrossTokenizerConfig(**given)
+    assert (cfg.resolved_method, cfg.resolved_unmapped, cfg.mapping) == (method, unmapped, "prefix")
 
 
 # --------------------------------------------------------------------------- the CLI, for real

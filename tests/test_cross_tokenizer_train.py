@@ -98,9 +98,10 @@ def _batch(s, n=8, cache=None):
     return collate([ds[i] for i in range(len(ds))])
 
 
-def _objective(s, method, cached=False, **loss):
-    mapping = build_vocab_mapping(s["teacher_tok"], s["student_tok"], len(s["teacher_tok"]), len(s["student_tok"]))
-    cfg = CrossTokenizerConfig(method=method)
+def _objective(s, method, cached=False, unmapped=None, prefix=False, **loss):
+    mapping = build_vocab_mapping(s["teacher_tok"], s["student_tok"], len(s["teacher_tok"]), len(s["student_tok"]),
+                                  prefix=prefix)
+    cfg = CrossTokenizerConfig(method=method, unmapped=unmapped)
     return CrossTokenizerKDObjective(LossSpec(divergence="forward_kl", **loss), cfg, mapping, cached), mapping
 
 
@@ -187,24 +188,34 @@ def _reference_inside_ce(setup, batch, weight: float = 1.0) -> float:
     return weight * total / count
 
 
-def _reference_vocab_map(setup, batch, mapping) -> float:
-    """Σ over compared rows of KL(teacher carried to student ids + moves ‖ student), tail bucket,
-    float64, plain loops; divided by the label tokens."""
+def _reference_vocab_map(setup, batch, mapping, unmapped="tail_bucket") -> float:
+    """Σ over compared rows of KL(teacher carried to student ids + moves ‖ student), the
+    unmapped mass a bucket of its own on both sides (tail_bucket) or dropped with both sides
+    renormalized over the mapped ids (renormalize), float64, plain loops; divided by the label
+    tokens."""
     total = 0.0
     for q, mapped, tail, _ in _reference_rows(setup, batch, mapping):
-        q_tail = 1.0 - sum(float(q[i]) for i in mapped)
+        q_mapped = sum(float(q[i]) for i in mapped)
+        if unmapped == "renormalize":
+            p_mapped = sum(mapped.values())
+            total += sum(pv / p_mapped * math.log((pv / p_mapped) / (float(q[i]) / q_mapped))
+                         for i, pv in mapped.items() if pv > 0)
+            continue
         kl = sum(pv * math.log(pv / float(q[i])) for i, pv in mapped.items() if pv > 0)
         if tail > 0:
-            kl += tail * math.log(tail / q_tail)
+            kl += tail * math.log(tail / (1.0 - q_mapped))
         total += kl
     return total / float((batch["labels"][:, 1:] != -100).sum())
 
 
-def test_vocab_map_loss_equals_float64_reference(setup):
+@pytest.mark.parametrize("unmapped, prefix", [("tail_bucket", False), ("renormalize", False), ("renormalize", True)])
+@pytest.mark.parametrize("student", ["merged", "split"])
+def test_vocab_map_loss_equals_float64_reference(setup, student, unmapped, prefix):
+    setup = _which(setup, student)
     batch = _batch(setup)
-    objective, mapping = _objective(setup, "vocab_map")
+    objective, mapping = _objective(setup, "vocab_map", unmapped=unmapped, prefix=prefix)
     loss, metrics = objective.loss(batch, setup["student"], setup["teacher"])
-    ref = _reference_vocab_map(setup, batch, mapping) + _reference_inside_ce(setup, batch)
+    ref = _reference_vocab_map(setup, batch, mapping, unmapped) + _reference_inside_ce(setup, batch)
     assert metrics["count"] == float((batch["labels"][:, 1:] != -100).sum())
     assert abs(float(loss.detach()) - ref) < 1e-4 * max(1.0, ref), (float(loss), ref)
 

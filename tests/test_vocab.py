@@ -187,6 +187,34 @@ def test_vocab_mapping_maps_equal_strings_and_roles(toks):
         assert all(m.teacher_to_student[t] >= 0 for t, s in enumerate(t_str) if s in student_texts), (t_name, s_name)
 
 
+def test_prefix_mapping_sends_the_rest_to_the_longest_student_prefix(toks):
+    """With prefix=True the exact matches stay; each other teacher token with a text maps to the
+    longest student token its text starts with (a plain loop over the student's strings)."""
+    for t_name, s_name in [("bpe_merged", "uni"), ("uni", "bpe"), ("bpe_merged", "bpe")]:
+        teacher, student = toks[t_name], toks[s_name]
+        exact = build_vocab_mapping(teacher, student, len(teacher), len(student))
+        m = build_vocab_mapping(teacher, student, len(teacher), len(student), prefix=True)
+        t_str, s_str = token_strings(teacher), token_strings(student)
+        special = {i for i, t in teacher.added_tokens_decoder.items() if t.special}
+        s_index = {text: i for i, text in enumerate(s_str) if text is not None}
+        n_prefix = 0
+        for t, text in enumerate(t_str):
+            if exact.teacher_to_student[t] >= 0:
+                assert m.teacher_to_student[t] == exact.teacher_to_student[t]
+                continue
+            heads = [h for h in s_index if text is not None and t not in special and len(h) < len(text)
+                     and text.startswith(h)]
+            if not heads:
+                assert m.teacher_to_student[t] == -1
+                continue
+            n_prefix += 1
+            got = s_str[int(m.teacher_to_student[t])]
+            assert text.startswith(got) and len(got) == max(len(h) for h in heads), (t_name, s_name, text, got)
+        assert m.n_prefix == n_prefix > 0 and m.n_mapped == exact.n_mapped + n_prefix
+        assert sorted(set(m.teacher_to_student[m.teacher_to_student >= 0].tolist())) == \
+            m.student_mapped.nonzero().flatten().tolist()
+
+
 def test_vocab_mapping_merges_and_prefers_the_students_own_token(toks):
     """Unigram has "e" twice (a piece and its byte piece): teacher side they merge,
     student side the id the student produces for the text wins."""

@@ -276,28 +276,44 @@ class CrossTokenizerConfig(StrictModel):
     distributions are compared at the positions where both start a token at the same character:
 
     * ``vocab_map``: teacher probability moves to the student token with the same string
-      (mass merged where the teacher splits a student token into several); the mass of teacher
-      tokens with no student counterpart is handled by ``unmapped`` (``tail_bucket``: one
-      extra bucket on both sides; ``renormalize``: dropped, both sides renormalized); the
-      divergence is ``train.loss``'s;
+      (mass merged where the teacher splits a student token into several), or with
+      ``mapping: prefix`` a teacher token the student lacks goes to the student's longest token
+      its text starts with (``=-`` onto ``=``); the mass left with no student counterpart is
+      handled by ``unmapped`` (``renormalize``: dropped, both sides renormalized;
+      ``tail_bucket``: one extra bucket on both sides); the divergence is ``train.loss``'s;
     * ``uld``: Universal Logit Distillation, the optimal-transport bound between the sorted
       probability vectors (arXiv 2402.12030), no mapping needed;
     * ``hybrid``: ``vocab_map`` with a tail bucket, plus ``uld_weight`` × ULD between the
       unmapped parts of both distributions (as TRL's GOLD does);
-    * ``auto``: ``hybrid``.
+    * ``auto``: ``vocab_map``.
     """
 
     method: Literal["auto", "vocab_map", "uld", "hybrid"] = "auto"
     # the teacher's tokenizer: a path or hub id; null = the teacher model's directory
     teacher_tokenizer: str | None = None
-    unmapped: Literal["tail_bucket", "renormalize"] = "tail_bucket"
+    mapping: Literal["prefix", "exact"] = "prefix"
+    # null: renormalize for vocab_map, tail_bucket for hybrid (which compares that bucket by ULD)
+    unmapped: Literal["tail_bucket", "renormalize"] | None = None
     uld_weight: float = Field(1.0, ge=0)
     # live teacher: keep only the top_k teacher tokens per compared position (null = all)
     top_k: int | None = Field(None, ge=1)
 
+    @model_validator(mode="after")
+    def _check(self) -> CrossTokenizerConfig:
+        if self.resolved_method == "hybrid" and self.unmapped == "renormalize":
+            raise ValueError("train.cross_tokenizer.method 'hybrid' compares the unmapped mass by ULD and "
+                             "needs unmapped: tail_bucket (or null); use method 'vocab_map' for 'renormalize'")
+        return self
+
     @property
     def resolved_method(self) -> str:
-        return "hybrid" if self.method == "auto" else self.method
+        return "vocab_map" if self.method == "auto" else self.method
+
+    @property
+    def resolved_unmapped(self) -> str:
+        if self.unmapped is not None:
+            return self.unmapped
+        return "tail_bucket" if self.resolved_method == "hybrid" else "renormalize"
 
 
 class TrainConfig(StrictModel):

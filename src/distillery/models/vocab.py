@@ -219,13 +219,15 @@ class VocabMapping:
 
     ``teacher_to_student``: ``[Vt]`` long, the student id of each teacher id or -1.
     ``student_mapped``: ``[Vs]`` bool, True where some teacher id maps. ``n_tokens``: the
-    teacher tokenizer's length (ids past it are padded embedding rows).
+    teacher tokenizer's length (ids past it are padded embedding rows). ``n_prefix``: how many
+    of the ``n_mapped`` map by prefix (``build_vocab_mapping(prefix=True)``), not by equal text.
     """
 
     teacher_to_student: torch.Tensor
     student_mapped: torch.Tensor
     n_mapped: int
     n_tokens: int
+    n_prefix: int = 0
 
     @property
     def coverage(self) -> float:
@@ -281,24 +283,37 @@ def build_vocab_mapping(
     student_tok: PreTrainedTokenizerBase,
     teacher_vocab_size: int,
     student_vocab_size: int,
+    prefix: bool = False,
 ) -> VocabMapping:
     """Map every teacher id whose text the student has as one token onto that student id.
 
     Several teacher ids may map to one student id (their probability mass merges); special
     tokens map by role (eos, pad, bos, unk), else by content; byte pieces that are not whole
     characters and padded rows (ids >= len(tokenizer)) stay unmapped.
+
+    ``prefix``: a teacher token whose text the student has not as one token maps to the
+    student's longest token that its text starts with (teacher ``=-`` onto student ``=``,
+    ``ĠCONFIG`` onto ``ĠCON``): when the teacher writes that token, the student's next token
+    is (most likely) that one, so its probability belongs there rather than to an unmapped
+    bucket. The student's tokenization in context may cut differently; this is the static guess.
     """
     index = _student_index(student_tok)
     specials = _special_pairs(teacher_tok, student_tok)
     t_special = _special_ids(teacher_tok)
     n_tokens = min(len(teacher_tok), teacher_vocab_size)
     t2s = torch.full((teacher_vocab_size,), -1, dtype=torch.long)
+    by_prefix = torch.zeros(teacher_vocab_size, dtype=torch.bool)
     for t_id, text in enumerate(token_strings(teacher_tok)[:n_tokens]):
         if t_id in specials:
             t2s[t_id] = specials[t_id]
         elif t_id not in t_special and text is not None:
             t2s[t_id] = index.get(text, -1)
+            if prefix and t2s[t_id] < 0:
+                # the longest proper prefix the student has as one token (none for one character)
+                head = next((text[:n] for n in range(len(text) - 1, 0, -1) if text[:n] in index), None)
+                if head is not None:
+                    t2s[t_id], by_prefix[t_id] = index[head], True
     t2s[t2s >= min(len(student_tok), student_vocab_size)] = -1
     mapped = torch.zeros(student_vocab_size, dtype=torch.bool)
     mapped[t2s[t2s >= 0]] = True
-    return VocabMapping(t2s, mapped, int((t2s >= 0).sum()), n_tokens)
+    return VocabMapping(t2s, mapped, int((t2s >= 0).sum()), n_tokens, int((by_prefix & (t2s >= 0)).sum()))

@@ -300,4 +300,4 @@ class CrossTokenizerKDObjective:
         ids, lp, tail = map_teacher_to_student(t_ids, t_lp, mapping, t_tail)
         ids, lp, tail = move_span_mass(ids, lp, tail, mapping[t1], batch["xt_student_token"].to(device), log_mass)
         return cross_tokenizer_per_position(s_rows, ids, lp, tail, method=self.method,
-                                            unmapped=self.cfg.unmapped, **kw)
+                                            unmapped=self.cfg.resolved_unmapped, **kw)

@@ -196,14 +196,15 @@ def cross_tokenizer_parts(cfg: TrainJobConfig, records: list[dict], tokenizer: P
     if train.packing:
         raise ValueError("train.packing is not supported with train.cross_tokenizer (each row is aligned "
                          "to the teacher's tokens on its own): set packing false")
-    mapping = build_vocab_mapping(teacher_tok, tokenizer, relation.teacher_size, relation.student_size)
-    console.print(f"cross-tokenizer {train.cross_tokenizer.resolved_method}: {mapping.n_mapped} of "
-                  f"{mapping.n_tokens} teacher tokens map to student tokens ({100 * mapping.coverage:.1f}%)")
+    xt = train.cross_tokenizer
+    mapping = build_vocab_mapping(teacher_tok, tokenizer, relation.teacher_size, relation.student_size,
+                                  prefix=xt.mapping == "prefix")
+    console.print(f"cross-tokenizer {xt.resolved_method}: {mapping.n_mapped} of {mapping.n_tokens} teacher "
+                  f"tokens map to student tokens ({100 * mapping.coverage:.1f}%; {mapping.n_prefix} by prefix)")
     dataset = CrossTokenizerDataset(records, tokenizer, teacher_tok, train.max_seq_len, cache)
     pad = teacher_tok.pad_token_id if teacher_tok.pad_token_id is not None else (teacher_tok.eos_token_id or 0)
     collator = CrossTokenizerCollator(tokenizer.pad_token_id, teacher_pad_id=pad)
-    objective = CrossTokenizerKDObjective(train.resolved_loss(), train.cross_tokenizer, mapping,
-                                          cached=cache is not None)
+    objective = CrossTokenizerKDObjective(train.resolved_loss(), xt, mapping, cached=cache is not None)
     return dataset, collator, objective
 
 
