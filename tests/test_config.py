@@ -293,6 +293,7 @@ def test_override_of_one_default_student_keeps_the_other_defaults():
         ("configs/demo.yaml", RunConfig, ["train.lr=1e-5", "task.digits=[1,3]", "train.grad_clip=null"]),
         ("configs/demo_teacher.yaml", TrainJobConfig, []),
         ("configs/demo_teacher.yaml", TrainJobConfig, ["teacher.hidden_size=16", "train.objective=logit_kd"]),
+        ("configs/demo_cross_tokenizer.yaml", RunConfig, []),
     ],
 )
 def test_dump_config_round_trips(tmp_path, config, schema, overrides):

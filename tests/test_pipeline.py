@@ -126,3 +126,14 @@ def test_run_reports_config_errors_with_exit_code_2(tmp_path):
     proc = subprocess.run([CLI, "run", str(bad)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "bad.yaml:3" in proc.stderr and "train.steps" in proc.stderr
+
+
+def test_report_names_how_each_student_learned():
+    """The report's "how each model was made" line says a student crossed tokenizers, and how."""
+    from distillery.pipeline import _describe_objective
+
+    cfg = load_config(Path(__file__).parents[1] / "configs/demo_cross_tokenizer.yaml", RunConfig)
+    kd, sft = cfg.students["student_xtok_kd"], cfg.students["student_sft_own_tokenizer"]
+    assert _describe_objective(cfg, kd) == ("logit_kd (forward_kl, kd_ratio 0.5, T=1.0, form dense, "
+                                            "across tokenizers by vocab_map (prefix mapping))")
+    assert _describe_objective(cfg, sft) == "sft"

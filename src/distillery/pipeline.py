@@ -200,7 +200,9 @@ def _describe_objective(cfg: RunConfig, s: StudentConfig) -> str:
     spec = cfg.train.resolved_loss()
     ratio = s.kd_ratio if s.kd_ratio is not None else spec.kd_ratio
     mix = f"kd_ratio {ratio}" if ratio is not None else f"ce_weight {spec.resolved_ce_weight}"
-    return f"logit_kd ({spec.divergence}, {mix}, T={spec.temperature}, form {spec.form})"
+    xt = s.cross_tokenizer
+    across = f", across tokenizers by {xt.resolved_method} ({xt.mapping} mapping)" if xt is not None else ""
+    return f"logit_kd ({spec.divergence}, {mix}, T={spec.temperature}, form {spec.form}{across})"
 
 
 def _report_sections(
