@@ -23,8 +23,7 @@ micro-batches or processes takes the same step. A student token inside a group (
 token: the student's ``-`` of the teacher's ``=-``) has no teacher distribution conditioned on the
 same text; there the text stands in for the teacher, and the token's CE takes the divergences'
 weight too (``kd_weight``, before T²), so every label token carries the same total weight as under
-same-tokenizer ``logit_kd``. Without it those tokens (on the demo task: the sign of every negative
-result) learned at ``ce_weight`` alone, half the rate of every other token at ``kd_ratio: 0.5``.
+same-tokenizer ``logit_kd`` (on the demo task these tokens are the sign of every negative result).
 """
 
 from __future__ import annotations
@@ -283,10 +282,9 @@ class CrossTokenizerKDObjective:
         """Per compared row ``[N]``: the teacher carried to student ids, span mass moved, compared."""
         device = s_rows.device
         kw = {"terms": self.spec.terms(), "temperature": self.spec.temperature}
-        # ULD takes the divergences' weight too (kd_ratio splits CE from distillation, whichever
-        # distance measures it); hybrid's uld_weight is relative to it
-        spec = self.spec
-        uld_scale = spec.resolved_kd_weight * (spec.temperature**2 if spec.scale_by_t2 else 1.0)
+        # ULD takes the divergences' weight too, T² included (kd_ratio splits CE from distillation,
+        # whichever distance measures it); hybrid's uld_weight is relative to it
+        uld_scale = sum(term.weight for term in kw["terms"])
         if self.method == "uld":
             uld, parts = cross_tokenizer_per_position(s_rows, t_ids, t_lp, t_tail, method="uld", **kw)
             return uld_scale * uld, parts
