@@ -44,8 +44,10 @@ bench: $(DEV_STAMP)
 bench-cross-tokenizer: $(DEV_STAMP)
 	$(BIN)/python bench/cross_tokenizer_demo.py --seeds 0-9 --jobs 2
 
+## ruff, then the import contracts in pyproject.toml (layers, no cycles; docs/architecture.md)
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check src tests bench
+	$(BIN)/lint-imports
 
 format: $(DEV_STAMP)
 	$(BIN)/ruff check --fix src tests bench

@@ -7,10 +7,11 @@ task a student's accuracy moves by tens of points with the training seed alone (
 25% to 57% over ten seeds), so a single comparison says little. This script runs the
 comparison for ``--seeds`` training seeds, the same way ``distillery run`` does:
 
-1. the teacher labels the problems once (``prepare_teacher`` / ``make_data`` of the pipeline),
-   into ``OUT/data``, and is evaluated once on the held-out problems;
+1. the teacher labels the problems once (``prepare_teacher`` / ``generate_stage`` of the
+   pipeline), into ``OUT/data``, and is evaluated once on the held-out problems;
 2. per seed, in a subprocess of its own with one thread (``--jobs`` at a time), both students
-   train with ``train.seed = seed`` (``train_students`` of the pipeline, into ``OUT/seed<N>``)
+   train on those records with ``train.seed = seed`` (``train_stage`` of the pipeline, into
+   ``OUT/seed<N>``)
    and are evaluated greedily on the same held-out problems (``evaluate_model``);
 3. one JSON line per seed and student (``"part": "seed"``), then one per student over all seeds
    (``"part": "student"``: the mean and the two-level bootstrap 95% CI of
@@ -45,12 +46,14 @@ def _seeds(text: str) -> list[int]:
 
 
 def _config(args: argparse.Namespace, seed: int | None = None):
-    from distillery.config import RunConfig, load_config
+    from distillery.config import load_config
+    from distillery.run_config import RunConfig
 
     run_dir = Path(args.out) / ("data" if seed is None else f"seed{seed}")
     overrides = [f"run_dir={run_dir}", *args.override]
-    if seed is not None:
-        overrides.append(f"train.seed={seed}")
+    if seed is not None:  # every seed's students read the records generated once, in OUT/data
+        records = Path(args.out) / "data" / "generate" / "records.jsonl"
+        overrides += [f"defaults.train.seed={seed}", f"defaults.data.path={records}"]
     return load_config(args.config, RunConfig, overrides)
 
 
@@ -58,23 +61,21 @@ def _teacher_and_data(args: argparse.Namespace) -> tuple[Path, str, Path, dict]:
     """The teacher, its labeled records (once, resumable) and its held-out accuracy."""
     from distillery.evaluate.run import evaluate_model
     from distillery.evaluate.stages import Stage
-    from distillery.pipeline import make_data, prepare_teacher
+    from distillery.pipeline import generate_stage, prepare_teacher
     from distillery.tasks import load_problems
     from distillery.teachers import HFTeacher
 
     cfg = _config(args)
     run_dir = Path(cfg.run_dir)
     teacher_dir, teacher_fp = prepare_teacher(cfg, run_dir)
-    data = make_data(cfg, run_dir, teacher_dir, teacher_fp)
-    if len(set(data.values())) != 1:
-        raise ValueError(f"{args.config}: every student must learn from the same records, got {data}")
+    records, _ = generate_stage(cfg, run_dir, teacher_dir, teacher_fp)
     path = run_dir / "teacher_eval.json"
     if not Stage(run_dir, "eval_teacher").done(teacher_fp, path):
         problems = load_problems(cfg.task, "eval", cfg.eval.num_problems, seed=cfg.eval.seed)
         res = evaluate_model(HFTeacher.from_pretrained(teacher_dir, batch_size=cfg.eval.batch_size), problems, cfg.eval)
         path.write_text(json.dumps({"accuracy": res["accuracy"], "ci95": res["ci95"]}))
         Stage(run_dir, "eval_teacher").finish(teacher_fp)
-    return teacher_dir, teacher_fp, next(iter(data.values())), json.loads(path.read_text())
+    return teacher_dir, teacher_fp, records, json.loads(path.read_text())
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -83,15 +84,15 @@ def _worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     from distillery.evaluate.run import evaluate_model
-    from distillery.pipeline import train_students
+    from distillery.pipeline import train_stage
     from distillery.tasks import load_problems
     from distillery.teachers import HFTeacher
 
-    teacher_dir, teacher_fp, records, _ = _teacher_and_data(args)
+    teacher_dir, teacher_fp, _, _ = _teacher_and_data(args)
     cfg = _config(args, args.worker)
     run_dir = Path(cfg.run_dir)
     t0 = time.perf_counter()
-    students = train_students(cfg, run_dir, teacher_dir, teacher_fp, dict.fromkeys(cfg.students, records))
+    students = train_stage(cfg, run_dir, teacher_dir, teacher_fp, {})
     seconds = time.perf_counter() - t0
     problems = load_problems(cfg.task, "eval", cfg.eval.num_problems, seed=cfg.eval.seed)
     result = {}
@@ -106,12 +107,14 @@ def _worker(args: argparse.Namespace) -> None:
 
 
 def _summary(args: argparse.Namespace, seeds: list[int], teacher: dict) -> None:
-    from distillery.config import RunConfig, load_config
+    from distillery.config import load_config
     from distillery.evaluate.stats import aggregate_over_seeds
+    from distillery.pipeline import baseline_student
+    from distillery.run_config import RunConfig
 
     cfg = load_config(args.config, RunConfig, args.override)
     names = list(cfg.students)
-    base = args.baseline or next(n for n in names if cfg.students[n].objective == "sft")
+    base = args.baseline or baseline_student(cfg)
     results = {s: json.loads((Path(args.out) / f"seed{s}" / "result.json").read_text()) for s in seeds}
     print(json.dumps({"part": "teacher", "accuracy": teacher["accuracy"], "ci95": teacher["ci95"]}))
     for s, r in results.items():

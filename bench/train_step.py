@@ -10,8 +10,8 @@ implementation that many times, every other round in reverse order (ours, dense,
 dense, ours), so that a load that drifts during the run (a shared machine) hits all alike:
 
 * ``ours``: the product's training path, run through ``distillery.train.loop.train_loop`` itself
-  (called by its public signature) with ``build_objective(TrainConfig(objective="logit_kd",
-  loss=LossSpec(divergence="jsd", beta=0.5, form="fused"), ...))`` and the product's
+  (called by its public signature) with ``LogitKDObjective(LossSpec(divergence="jsd",
+  beta=0.5, form="fused"))`` and the product's
   ``Collator``. The objective is wrapped in a clock that only timestamps each ``loss()`` call
   (the start of each step); nothing else of the loop is replaced.
 * ``ours_dense``: the same with ``form="dense"`` (full student and teacher logits).
@@ -158,7 +158,7 @@ class ClockedObjective:
     def __init__(self, objective, marks: Marks):
         self.objective, self.marks = objective, marks
 
-    def __getattr__(self, name: str):  # needs_teacher, trainable, state_dict, ...
+    def __getattr__(self, name: str):  # trainable, state_dict, ...
         return getattr(self.objective, name)
 
     def loss(self, batch, student, teacher):
@@ -171,14 +171,14 @@ def run_ours(args, student, teacher, items, marks: Marks) -> list[float]:
     from distillery.losses import LossSpec
     from distillery.train.data import Collator
     from distillery.train.loop import train_loop
-    from distillery.train.objectives import build_objective
+    from distillery.train.objectives.logit_kd import LogitKDObjective
 
     form = "dense" if args.impl == "ours_dense" else "fused"
-    cfg = TrainConfig(objective="logit_kd", loss=LossSpec(divergence="jsd", beta=0.5, form=form),
+    cfg = TrainConfig(objective={"name": "logit_kd", "loss": LossSpec(divergence="jsd", beta=0.5, form=form)},
                       steps=args.warmup + args.steps, batch_size=args.batch, lr=1e-5,
                       warmup_steps=0, weight_decay=0.0, grad_clip=1.0, max_seq_len=args.seq,
                       log_every=1, seed=0)
-    objective = ClockedObjective(build_objective(cfg), marks)
+    objective = ClockedObjective(LogitKDObjective(cfg.objective.resolved_loss()), marks)
     result = train_loop(student, objective, items, Collator(pad_id=0), cfg, teacher=teacher,
                         show_progress=False)
     marks.end = Marks.now()

@@ -29,7 +29,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from distillery.tasks import extract_answer, is_correct
+from distillery.answers import extract_final_answer
+from distillery.tasks import is_correct
 from distillery.teachers.base import (
     Generation,
     GenerationRequest,
@@ -128,7 +129,7 @@ def prefers_longer(strength: float, scale: float) -> Rule:
 
 def grade_by_reference(view: View) -> str:
     answer = view.answers[0]
-    if extract_answer(answer) is None:
+    if extract_final_answer(answer).answer is None:
         return "I cannot grade this: the response never states a final answer."
     if view.reference is None:
         return "Rationale: an answer, but nothing to check it against.\nScore: 5"

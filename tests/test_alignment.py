@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from tokenizers import processors
 from transformers import AutoTokenizer
 
+from distillery.chat import IGNORE, NO_SPAN, tokenize_messages
 from distillery.models.vocab import token_bytes
-from distillery.train.alignment import NO_SPAN, align_messages, align_offsets, group_starts
-from distillery.train.data import IGNORE, tokenize_messages
+from distillery.train.alignment import align_messages, align_offsets, group_starts
 from test_vocab import PIECES, saved_tokenizer
 
 CRAFTED = [

@@ -11,6 +11,7 @@ import json
 
 import pytest
 
+from distillery.capture import run_capture
 from distillery.config import (
     CaptureConfig,
     DataConfig,
@@ -24,7 +25,6 @@ from distillery.config import (
 )
 from distillery.elicit import label_problems
 from distillery.evaluate import evaluate_model
-from distillery.logits.capture import run_capture
 from distillery.tasks import load_problems
 from distillery.teachers import HFTeacher, SamplingParams
 from distillery.train.job import run_train_job
@@ -35,9 +35,10 @@ STUDENT = ModelConfig(hidden_size=64, num_layers=2, num_heads=4, max_position_em
 # 2000 steps: at the demo's 1200 the students sit on the steepest part of the learning curve,
 # where the cached student trails the live one by a few hundred steps (measured 41.8% [37.4,
 # 46.2] vs 52.8% [48.4, 57.2]); at 2000, 75.6% [71.6, 79.2] vs 78.8% [75.2, 82.4]
-TRAIN = {"objective": "logit_kd", "steps": 2000, "batch_size": 64, "lr": 3e-3, "warmup_steps": 100,
-         "min_lr_ratio": 0.05, "max_seq_len": 64,
-         "loss": {"divergence": "forward_kl", "kd_ratio": 0.5, "temperature": 1.0}}
+TRAIN = {"objective": {"name": "logit_kd",
+                       "loss": {"divergence": "forward_kl", "kd_ratio": 0.5, "temperature": 1.0}},
+         "steps": 2000, "batch_size": 64, "lr": 3e-3, "warmup_steps": 100, "min_lr_ratio": 0.05,
+         "max_seq_len": 64}
 
 
 @pytest.mark.slow

@@ -16,14 +16,15 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from distillery.config import FeatureKDConfig, ModelConfig, TrainConfig
+from distillery.config import ModelConfig, TrainConfig
 from distillery.models import build_model
 from distillery.records import ground_truth_records
 from distillery.tasks import load_problems
 from distillery.train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
 from distillery.train.data import Collator, SFTDataset
 from distillery.train.loop import train_loop
-from distillery.train.objectives import FeatureKDObjective
+from distillery.train.objectives.feature_kd import FeatureKDConfig, FeatureKDObjective
+from distillery.train.objectives.sft import SFTObjective
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ class CrashAt:
 
     def __init__(self, inner, at):
         self.inner, self.at, self.calls = inner, at, 0
-        self.needs_teacher, self.trainable = inner.needs_teacher, inner.trainable
+        self.trainable = inner.trainable
 
     def loss(self, batch, student, teacher):
         self.calls += 1
@@ -106,14 +107,13 @@ def test_partial_checkpoint_is_ignored_and_other_config_refused(tmp_path, datase
     cfg = TrainConfig(steps=4, batch_size=8, warmup_steps=1, checkpoint={"every": 2, "keep_last": 5})
     collate = Collator(tiny_tokenizer.pad_token_id)
     run_cfg = {"train": cfg.model_dump(mode="json")}
-    train_loop(_model(tiny_tokenizer), __import__("distillery.train.objectives", fromlist=["x"]).SFTObjective(),
+    train_loop(_model(tiny_tokenizer), SFTObjective(),
                dataset, collate, cfg, show_progress=False, checkpoint_dir=tmp_path, run_config=run_cfg)
     assert latest_checkpoint(tmp_path).name == "step_00000004"
     # a write cut short by a kill: a .tmp directory, never taken for a checkpoint
     (tmp_path / "step_00000006.tmp").mkdir()
     assert latest_checkpoint(tmp_path).name == "step_00000004"
 
-    from distillery.train.objectives import SFTObjective
 
     other = cfg.model_copy(update={"lr": 1e-4, "steps": 6})
     with pytest.raises(CheckpointError, match="train.lr"):

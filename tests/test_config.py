@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 
 from distillery.config import (
     ConfigError,
-    RunConfig,
     TaskConfig,
     TrainJobConfig,
     config_hash,
@@ -22,6 +21,7 @@ from distillery.config import (
     load_config,
     parse_override,
 )
+from distillery.run_config import RunConfig
 
 REPO = Path(__file__).resolve().parent.parent
 DISTILLERY = Path(sys.executable).parent / "distillery"  # the console script (cli.py has no __main__ guard)
@@ -38,6 +38,11 @@ def _error(path, schema=RunConfig, overrides=None) -> str:
         load_config(path, schema, overrides)
     return str(info.value)
 
+
+# the least a run needs: its teacher and one student (every other section has defaults)
+MIN_RUN = "teacher: {path: assets/demo_teacher}\nstudents:\n  s: {}\n"
+
+JOB_HEAD = "output_dir: o\ndata: {path: a.jsonl}\n"  # a train job's two required keys
 
 TRAIN_JOB = """
 output_dir: out/model
@@ -58,16 +63,19 @@ def test_misspelled_nested_key_names_key_file_line_and_closest_key(tmp_path):
         tmp_path,
         """
         run_dir: runs/x
-        train:
-          steps: 10
-          lrr: 0.1
-          seed: 3
+        teacher: {path: t}
+        students:
+          s:
+            train:
+              steps: 10
+              lrr: 0.1
+              seed: 3
         """,
     )
     msg = _error(path)
-    assert f"{path}:4" in msg  # 'lrr' is on line 4
-    assert "'train.lrr'" in msg
-    assert "did you mean 'train.lr'?" in msg
+    assert f"{path}:7" in msg  # 'lrr' is on line 7
+    assert "'students.s.train.lrr'" in msg
+    assert "did you mean 'students.s.train.lr'?" in msg
 
 
 @pytest.mark.parametrize(
@@ -75,10 +83,13 @@ def test_misspelled_nested_key_names_key_file_line_and_closest_key(tmp_path):
     [
         ("run_dri: x\n", 1, "run_dri", "run_dir"),
         ("eval:\n  seed: 1\n  num_problem: 3\n", 3, "eval.num_problem", "eval.num_problems"),
-        ("student:\n  hiden_size: 64\n", 2, "student.hiden_size", "student.hidden_size"),
-        ("generate:\n  max_new_token: 4\n", 2, "generate.max_new_token", "generate.max_new_tokens"),
-        # a dict-valued section: the suggestion comes from the value type (StudentConfig)
-        ("students:\n  mine:\n    data: teacher\n    kd_ratoi: 1\n", 4, "students.mine.kd_ratoi", "students.mine.kd_ratio"),
+        ("generate:\n  sampling:\n    max_new_token: 4\n", 3, "generate.sampling.max_new_token",
+         "generate.sampling.max_new_tokens"),
+        # a dict-valued section: the suggestion comes from the value type (a train job)
+        ("students:\n  mine:\n    model:\n      hiden_size: 64\n", 4, "students.mine.model.hiden_size",
+         "students.mine.model.hidden_size"),
+        ("students:\n  mine:\n    data:\n      sorce: task\n", 4, "students.mine.data.sorce",
+         "students.mine.data.source"),
     ],
 )
 def test_unknown_keys_in_run_config(tmp_path, yaml_text, line, bad, suggestion):
@@ -110,16 +121,16 @@ def test_unknown_key_in_optional_nested_task_of_train_job(tmp_path):
 
 
 def test_unknown_key_from_override_says_command_line(tmp_path):
-    path = _write(tmp_path, "train:\n  steps: 3\n")
-    msg = _error(path, overrides=["train.lrr=1"])
+    path = _write(tmp_path, JOB_HEAD + "train:\n  steps: 3\n")
+    msg = _error(path, TrainJobConfig, overrides=["train.lrr=1"])
     assert "command-line override: unknown key 'train.lrr'" in msg
     assert "did you mean 'train.lr'?" in msg
     assert f"{path}:" not in msg  # not blamed on a line of the file
 
 
 def test_unknown_key_without_close_match_lists_valid_keys(tmp_path):
-    path = _write(tmp_path, "train:\n  zzzzzz: 1\n")
-    msg = _error(path)
+    path = _write(tmp_path, JOB_HEAD + "train:\n  zzzzzz: 1\n")
+    msg = _error(path, TrainJobConfig)
     assert "did you mean" not in msg
     assert "valid keys here:" in msg and "lr" in msg and "warmup_steps" in msg
 
@@ -128,17 +139,17 @@ def test_unknown_key_without_close_match_lists_valid_keys(tmp_path):
 
 
 def test_wrong_type_in_file_names_expected_type_key_and_line(tmp_path):
-    path = _write(tmp_path, "train:\n  lr: 0.1\n  steps: abc\n")
-    msg = _error(path)
-    assert f"{path}:3" in msg
+    path = _write(tmp_path, JOB_HEAD + "train:\n  lr: 0.1\n  steps: abc\n")
+    msg = _error(path, TrainJobConfig)
+    assert f"{path}:5" in msg
     assert "'train.steps'" in msg
     assert "valid integer" in msg
     assert "'abc'" in msg
 
 
 def test_wrong_type_in_override_names_command_line(tmp_path):
-    path = _write(tmp_path, "train:\n  steps: 3\n")
-    msg = _error(path, overrides=["train.batch_size=many"])
+    path = _write(tmp_path, JOB_HEAD + "train:\n  steps: 3\n")
+    msg = _error(path, TrainJobConfig, overrides=["train.batch_size=many"])
     assert "command-line override: key 'train.batch_size'" in msg
     assert "valid integer" in msg
 
@@ -152,10 +163,11 @@ def test_wrong_literal_in_list_names_element_line(tmp_path):
 
 @pytest.mark.parametrize(
     "override",
-    ["task.digits=abc", "task.operations=[+,/]", "train.foo.bar=1"],
+    ["task.digits=abc", "task.operations=[+,/]", "students.s.train.foo.bar=1"],
 )
 def test_bad_override_of_key_also_in_file_is_not_blamed_on_the_file(tmp_path, override):
-    path = _write(tmp_path, "task:\n  digits: 2\n  operations: ['+', '-']\ntrain:\n  steps: 3\n")
+    path = _write(tmp_path, "teacher: {path: t}\nstudents:\n  s:\n    train:\n      steps: 3\n"
+                            "task:\n  digits: 2\n  operations: ['+', '-']\n")
     msg = _error(path, overrides=[override])
     assert "command-line override" in msg
     assert f"{path}:" not in msg
@@ -198,12 +210,13 @@ def test_missing_file_and_non_mapping_top_level(tmp_path):
     assert "must be a mapping" in _error(path)
 
 
-def test_empty_file_and_no_file_give_defaults(tmp_path):
+def test_an_empty_run_config_is_refused_not_guessed(tmp_path):
+    """No teacher and no student: an error naming both keys, not a default job that trains for an hour."""
     empty = _write(tmp_path, "# nothing but a comment\n")
-    assert load_config(empty, RunConfig) == RunConfig()
-    cfg = load_config(None, RunConfig, ["train.steps=7"])
-    assert cfg.train.steps == 7
-    assert cfg.model_copy(update={"train": RunConfig().train}) == RunConfig()
+    msg = _error(empty)
+    assert "missing required key 'teacher'" in msg and "missing required key 'students'" in msg
+    cfg = load_config(_write(tmp_path, MIN_RUN), RunConfig, ["students.s.train.steps=7"])
+    assert cfg.students["s"].train.steps == 7 and cfg.students["s"].train.objective.name == "sft"
 
 
 # --------------------------------------------------------------------------- overrides
@@ -243,44 +256,55 @@ def test_overrides_apply_types_and_win_over_file(tmp_path):
         task:
           digits: 1
           operations: ['*']
-        train:
-          lr: 0.01
-          steps: 50
+        teacher: {path: t}
+        defaults:
+          train:
+            lr: 0.01
+            steps: 50
+        students:
+          s: {}
         """,
     )
     cfg = load_config(
         path,
         RunConfig,
         [
-            "train.lr=3e-4",
+            "defaults.train.lr=3e-4",
             "task.operations=[+,-]",
             "task.digits=[2,3]",
-            "student.tie_word_embeddings=false",
+            "students.s.model.tie_word_embeddings=false",
         ],
     )
-    assert isinstance(cfg.train.lr, float) and cfg.train.lr == pytest.approx(0.0003)
-    assert cfg.train.steps == 50  # kept from the file
+    train = cfg.students["s"].train
+    assert isinstance(train.lr, float) and train.lr == pytest.approx(0.0003)
+    assert train.steps == 50  # kept from the file
     assert cfg.task.operations == ["+", "-"]
     assert cfg.task.digits == (2, 3)
-    assert cfg.student.tie_word_embeddings is False
+    assert cfg.students["s"].model.tie_word_embeddings is False
     # the last of two overrides of one key wins
-    assert load_config(path, RunConfig, ["train.lr=1", "train.lr=2"]).train.lr == 2.0
+    twice = load_config(path, RunConfig, ["defaults.train.lr=1", "defaults.train.lr=2"])
+    assert twice.students["s"].train.lr == 2.0
 
 
 def test_overrides_into_dict_valued_section_from_file():
     cfg = load_config(
         REPO / "configs/demo.yaml",
         RunConfig,
-        ["students.student_distilled.kd_ratio=0.25", "students.extra.data=teacher"],
+        ["students.student_distilled.train.objective.loss.kd_ratio=0.25", "students.extra.train.objective=sft"],
     )
-    assert cfg.students["student_distilled"].kd_ratio == 0.25
-    assert cfg.students["student_distilled"].objective == "logit_kd"  # rest of the entry kept
+    distilled = cfg.students["student_distilled"].train.objective
+    assert distilled.loss.kd_ratio == 0.25
+    assert distilled.name == "logit_kd" and distilled.loss.form == "dense"  # rest of the entry kept
     assert set(cfg.students) == {"student_ground_truth", "student_distilled", "extra"}
+    # a new student takes the run's defaults: the demo's size and steps
+    assert cfg.students["extra"].train.steps == 1200 and cfg.students["extra"].model.hidden_size == 64
 
 
-def test_override_of_one_default_student_keeps_the_other_defaults():
-    cfg = load_config(None, RunConfig, ["students.student_distilled.data=teacher"])
-    assert set(cfg.students) == set(RunConfig().students)
+def test_defaults_reach_every_student_and_a_students_own_key_wins(tmp_path):
+    path = _write(tmp_path, MIN_RUN + "  t:\n    train: {lr: 0.5}\ndefaults:\n  train: {lr: 0.1, steps: 9}\n")
+    cfg = load_config(path, RunConfig)
+    assert (cfg.students["s"].train.lr, cfg.students["s"].train.steps) == (0.1, 9)
+    assert (cfg.students["t"].train.lr, cfg.students["t"].train.steps) == (0.5, 9)
 
 
 # --------------------------------------------------------------------------- dump / hash
@@ -290,7 +314,8 @@ def test_override_of_one_default_student_keeps_the_other_defaults():
     ("config", "schema", "overrides"),
     [
         ("configs/demo.yaml", RunConfig, []),
-        ("configs/demo.yaml", RunConfig, ["train.lr=1e-5", "task.digits=[1,3]", "train.grad_clip=null"]),
+        ("configs/demo.yaml", RunConfig, ["defaults.train.lr=1e-5", "task.digits=[1,3]",
+                                          "defaults.train.grad_clip=null"]),
         ("configs/demo_teacher.yaml", TrainJobConfig, []),
         ("configs/demo_teacher.yaml", TrainJobConfig, ["teacher.hidden_size=16", "train.objective=logit_kd"]),
         ("configs/demo_cross_tokenizer.yaml", RunConfig, []),
@@ -317,7 +342,8 @@ def test_dump_config_round_trips_random_values(tmp_path, lr, steps, digits, ops,
     cfg = RunConfig(
         run_dir=run_dir,
         task=TaskConfig(digits=digits, operations=ops),
-        train={"lr": lr, "steps": steps},
+        teacher={"path": "t"},
+        students={"s": {"train": {"lr": lr, "steps": steps}}},
     )
     path = tmp_path / "rt.yaml"
     path.write_text(dump_config(cfg), encoding="utf-8")
@@ -330,22 +356,24 @@ def test_config_hash_is_stable_and_sensitive(tmp_path):
     h = config_hash(a)
     assert len(h) == 16 and int(h, 16) >= 0
     assert config_hash(b) == h
-    assert config_hash(a.task, a.train) == config_hash(b.task, b.train)
-    changed = load_config(REPO / "configs/demo.yaml", RunConfig, ["train.lr=0.0031"])
+    train_a = a.students["student_distilled"].train
+    assert config_hash(a.task, train_a) == config_hash(b.task, b.students["student_distilled"].train)
+    changed = load_config(REPO / "configs/demo.yaml", RunConfig, ["defaults.train.lr=0.0031"])
     assert config_hash(changed) != h
     assert config_hash(changed.task) == config_hash(a.task)  # an untouched section keeps its hash
-    assert config_hash(changed.train) != config_hash(a.train)
+    assert config_hash(changed.students["student_distilled"].train) != config_hash(train_a)
     # the same values reached another way hash the same
-    same = load_config(REPO / "configs/demo.yaml", RunConfig, ["train.lr=3.0e-3"])
+    same = load_config(REPO / "configs/demo.yaml", RunConfig, ["defaults.train.lr=3.0e-3"])
     assert config_hash(same) == h
     # section order matters (a hash of (task, train) is not one of (train, task))
-    assert config_hash(a.task, a.train) != config_hash(a.train, a.task)
+    assert config_hash(a.task, train_a) != config_hash(train_a, a.task)
 
 
 def test_config_hash_is_the_same_in_another_process():
-    code = "from distillery.config import RunConfig, config_hash; print(config_hash(RunConfig()))"
+    code = ("from distillery.config import config_hash, load_config; from distillery.run_config import RunConfig; "
+            "print(config_hash(load_config('configs/demo.yaml', RunConfig)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
-    assert out.stdout.strip() == config_hash(RunConfig())
+    assert out.stdout.strip() == config_hash(load_config(REPO / "configs/demo.yaml", RunConfig))
 
 
 # --------------------------------------------------------------------------- validators
@@ -354,18 +382,18 @@ def test_config_hash_is_the_same_in_another_process():
 def test_jsonl_task_needs_a_path():
     msg = _error(None, overrides=["task.name=jsonl"])
     assert "task.path" in msg and "'task'" in msg
-    cfg = load_config(None, RunConfig, ["task.name=jsonl", "task.path=data/problems.jsonl"])
+    cfg = load_config(REPO / "configs/demo.yaml", RunConfig, ["task.name=jsonl", "task.path=data/problems.jsonl"])
     assert cfg.task.path == "data/problems.jsonl"
 
 
 def test_hidden_size_must_divide_by_heads(tmp_path):
-    path = _write(tmp_path, "student:\n  hidden_size: 30\n  num_heads: 4\n")
+    path = _write(tmp_path, MIN_RUN + "  t:\n    model:\n      hidden_size: 30\n      num_heads: 4\n")
     msg = _error(path)
-    assert f"{path}:1" in msg
+    assert f"{path}:5" in msg and "students.t.model" in msg
     assert "divisible by num_heads" in msg and "30" in msg
     # an existing model (path given) takes its sizes from its own config: no check
-    cfg = load_config(path, RunConfig, ["student.path=some/model"])
-    assert cfg.student.path == "some/model"
+    cfg = load_config(path, RunConfig, ["students.t.model.path=some/model"])
+    assert cfg.students["t"].model.path == "some/model"
 
 
 def test_logit_kd_job_needs_a_teacher(tmp_path):
@@ -382,18 +410,46 @@ def test_logit_kd_job_needs_a_teacher(tmp_path):
         ("data:\n  task: {}\n", "missing required key 'output_dir'"),
         ("output_dir: o\ndata: {}\n", "exactly one of data.path"),
         ("output_dir: o\ndata:\n  path: a.jsonl\n  task: {}\n", "exactly one of data.path"),
+        ("output_dir: o\ndata:\n  path: a.jsonl\ntrain:\n  objective: {name: sft, cross_tokenizer: {}}\n",
+         "unknown key 'cross_tokenizer' for objective 'sft'"),
         ("output_dir: o\ndata:\n  path: a.jsonl\ntrain:\n  cross_tokenizer: {}\n",
-         "cross_tokenizer applies to objective logit_kd"),
-        ("output_dir: o\ndata:\n  path: a.jsonl\nteacher: {path: t}\ntrain:\n  objective: logit_kd\n"
-         "  cross_tokenizer: {method: hybrid, unmapped: renormalize}\n", "needs unmapped: tail_bucket"),
+         "unknown key 'train.cross_tokenizer'"),
+        ("output_dir: o\ndata:\n  path: a.jsonl\nteacher: {path: t}\ntrain:\n  objective:\n    name: logit_kd\n"
+         "    cross_tokenizer: {method: hybrid, unmapped: renormalize}\n", "needs unmapped: tail_bucket"),
         ("output_dir: o\ndata:\n  task:\n    digits: [3, 1]\n", "min <= max"),
         ("output_dir: o\ndata:\n  task:\n    eval_fraction: 1.0\n", "eval_fraction"),
-        ("output_dir: o\ndata:\n  task: {}\ntrain:\n  kd_ratio: 1.5\n", "train.kd_ratio"),
+        ("output_dir: o\ndata:\n  task: {}\nteacher: {}\ntrain:\n  objective: {name: logit_kd, kd_ratio: 1.5}\n",
+         "key 'train.objective.kd_ratio': Input should be less than or equal to 1"),
+        ("output_dir: o\ndata:\n  task: {}\ntrain:\n  objective: logit_kd\n  kd_ratio: 0.5\n",
+         "unknown key 'train.kd_ratio'"),
+        ("output_dir: o\ndata:\n  task: {}\ntrain:\n  objective: {name: logit, kd_ratio: 0.5}\n",
+         "unknown objective 'logit': did you mean 'logit_kd'? registered objectives: sft, "),
+        ("output_dir: o\ndata:\n  task: {}\ntrain:\n  objective: {kd_ratio: 0.5}\n", "give the objective's name"),
+        ("output_dir: o\ndata:\n  task: {}\ntrain:\n  objective: preference\n", "set data.path"),
+        ("output_dir: o\ndata:\n  task: {}\nteacher_cache: c\ntrain:\n  objective: feature_kd\n",
+         "train.objective 'feature_kd' does not: drop teacher_cache"),
+        ("output_dir: o\ndata:\n  task: {}\ntrain:\n  objective: {name: reward, source: teacher_logprob}\n",
+         "train.objective 'reward' needs a teacher and none is configured"),
+        ("output_dir: o\ndata:\n  task: {}\nteacher: {path: t}\nteacher_finetune: {objective: on_policy}\n",
+         "teacher_finetune.objective trains the teacher itself"),
     ],
 )
 def test_train_job_validation_errors(tmp_path, text, needle):
     msg = _error(_write(tmp_path, text), TrainJobConfig)
     assert needle in msg
+
+
+def test_objective_keys_live_in_the_objective_and_show_prints_only_its_own(tmp_path):
+    """``train.objective`` is the chosen objective's own config: its keys, no other objective's."""
+    text = "output_dir: o\ndata:\n  task: {}\nteacher: {}\ntrain:\n  objective: logit_kd\n"
+    cfg = load_config(_write(tmp_path, text), TrainJobConfig, ["train.objective.kd_ratio=0.25"])
+    shown = yaml.safe_load(dump_config(cfg))["train"]["objective"]
+    assert shown == {"name": "logit_kd", "kd_ratio": 0.25, "temperature": None, "loss": None,
+                     "cross_tokenizer": None}
+    assert cfg.train.objective.resolved_loss().kd_ratio == 0.25
+    assert TrainJobConfig.model_validate(yaml.safe_load(dump_config(cfg))) == cfg  # round trip
+    sft = load_config(_write(tmp_path, "output_dir: o\ndata:\n  task: {}\n"), TrainJobConfig)
+    assert yaml.safe_load(dump_config(sft))["train"]["objective"] == {"name": "sft"}
 
 
 @pytest.mark.parametrize(("given", "method", "unmapped"), [
@@ -418,21 +474,24 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_config_show_applies_override():
-    out = _cli("config", "show", "configs/demo.yaml", "train.lr=0.001")
+    out = _cli("config", "show", "configs/demo.yaml", "defaults.train.lr=0.001")
     assert out.returncode == 0, out.stderr
     assert "lr: 0.001" in out.stdout
     shown = yaml.safe_load(out.stdout)
-    assert shown["train"]["lr"] == 0.001
+    assert {s["train"]["lr"] for s in shown["students"].values()} == {0.001}
     raw = yaml.safe_load((REPO / "configs/demo.yaml").read_text())
-    assert shown["train"]["steps"] == raw["train"]["steps"]  # kept from the file
-    assert shown["eval"]["bootstrap_resamples"] == RunConfig().eval.bootstrap_resamples  # a default
-    assert RunConfig.model_validate(shown) == load_config(REPO / "configs/demo.yaml", RunConfig, ["train.lr=0.001"])
+    assert shown["students"]["student_distilled"]["train"]["steps"] == raw["defaults"]["train"]["steps"]
+    assert shown["eval"]["bootstrap_resamples"] == 10000  # a default
+    # only the chosen objective's keys are printed
+    assert set(shown["students"]["student_ground_truth"]["train"]["objective"]) == {"name"}
+    assert RunConfig.model_validate(shown) == load_config(REPO / "configs/demo.yaml", RunConfig,
+                                                          ["defaults.train.lr=0.001"])
 
 
 def test_cli_config_show_unknown_override_exits_2_and_suggests():
-    out = _cli("config", "show", "configs/demo.yaml", "train.lrr=1")
+    out = _cli("config", "show", "configs/demo.yaml", "students.student_distilled.train.lrr=1")
     assert out.returncode == 2
-    assert "train.lr'" in out.stderr
+    assert "students.student_distilled.train.lr'" in out.stderr
     assert "command-line override" in out.stderr
     assert out.stdout == ""
 

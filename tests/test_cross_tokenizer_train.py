@@ -3,7 +3,7 @@
 The objective's loss is checked against a float64 reference written with plain loops over the
 compared rows (teacher distribution carried to student ids by string, span mass moved, tail
 bucket), ULD likewise; the logit-cache path against the live one; a job trains and refuses
-a mismatched pair without ``train.cross_tokenizer``.
+a mismatched pair without ``train.objective.cross_tokenizer``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from distillery.capture import run_capture
 from distillery.config import (
     CaptureConfig,
     CrossTokenizerConfig,
@@ -26,7 +27,6 @@ from distillery.config import (
     TrainJobConfig,
 )
 from distillery.logits.cache import CacheMismatchError, LogitCache
-from distillery.logits.capture import run_capture
 from distillery.losses import LossSpec
 from distillery.models import build_model, load_tokenizer, save_model, train_tokenizer
 from distillery.models.vocab import VocabMismatchError, build_vocab_mapping, token_bytes
@@ -38,9 +38,9 @@ from distillery.train.cross_tokenizer import (
     SAME,
     CrossTokenizerCollator,
     CrossTokenizerDataset,
-    CrossTokenizerKDObjective,
 )
 from distillery.train.job import run_train_job
+from distillery.train.objectives.logit_kd import CrossTokenizerKDObjective
 
 MAX_LEN = 64
 
@@ -214,9 +214,10 @@ def test_vocab_map_loss_equals_float64_reference(setup, student, unmapped, prefi
     setup = _which(setup, student)
     batch = _batch(setup)
     objective, mapping = _objective(setup, "vocab_map", unmapped=unmapped, prefix=prefix)
-    loss, metrics = objective.loss(batch, setup["student"], setup["teacher"])
+    out = objective.loss(batch, setup["student"], setup["teacher"])
+    loss = out.loss
     ref = _reference_vocab_map(setup, batch, mapping, unmapped) + _reference_inside_ce(setup, batch)
-    assert metrics["count"] == float((batch["labels"][:, 1:] != -100).sum())
+    assert out.count == float((batch["labels"][:, 1:] != -100).sum())
     assert abs(float(loss.detach()) - ref) < 1e-4 * max(1.0, ref), (float(loss), ref)
 
 
@@ -227,7 +228,8 @@ def test_hybrid_loss_equals_float64_reference(setup, student):
     s = _which(setup, student)
     batch = _batch(s)
     objective, mapping = _objective(s, "hybrid")
-    loss, metrics = objective.loss(batch, s["student"], s["teacher"])
+    out = objective.loss(batch, s["student"], s["teacher"])
+    loss, metrics = out.loss, out.metrics
     free = (~mapping.student_mapped).nonzero()[:, 0].tolist()
     uld = 0.0
     for q, _, _, unmapped in _reference_rows(s, batch, mapping):
@@ -253,9 +255,9 @@ def test_kd_ratio_splits_plain_ce_from_distillation(setup, method):
     st, _ = _logits(s, batch)
     targets, mask = batch["labels"][:, 1:], batch["labels"][:, 1:] != -100
     sft = float(torch.nn.functional.cross_entropy(st[:, :-1][mask], targets[mask]))
-    loss = {r: float(_objective(s, method, kd_ratio=r)[0].loss(batch, s["student"], s["teacher"])[0].detach())
+    loss = {r: float(_objective(s, method, kd_ratio=r)[0].loss(batch, s["student"], s["teacher"]).loss.detach())
             for r in (0.0, 0.5)}
-    pure = float(_objective(s, method)[0].loss(batch, s["student"], s["teacher"])[0].detach())
+    pure = float(_objective(s, method)[0].loss(batch, s["student"], s["teacher"]).loss.detach())
     assert abs(loss[0.0] - sft) < 1e-5 * sft
     assert abs(loss[0.5] - (0.5 * sft + 0.5 * pure)) < 1e-5 * pure
     assert abs(pure - sft) > 1e-3  # the distillation part is not the CE in disguise
@@ -264,7 +266,7 @@ def test_kd_ratio_splits_plain_ce_from_distillation(setup, method):
 def test_uld_loss_equals_float64_reference(setup):
     batch = _batch(setup)
     objective, _ = _objective(setup, "uld")
-    loss, _ = objective.loss(batch, setup["student"], setup["teacher"])
+    loss = objective.loss(batch, setup["student"], setup["teacher"]).loss
     st, te = _logits(setup, batch)
     total = 0.0
     for n in range(len(batch["xt_row"])):
@@ -280,13 +282,13 @@ def test_uld_loss_equals_float64_reference(setup):
 def test_split_batches_weighted_by_count_give_the_same_loss(setup):
     """The loop weights micro-batches by ``count``: two halves must average to the whole."""
     objective, _ = _objective(setup, "hybrid", kd_ratio=0.5)
-    whole, mw = objective.loss(_batch(setup, 8), setup["student"], setup["teacher"])
+    whole = objective.loss(_batch(setup, 8), setup["student"], setup["teacher"])
     ds = CrossTokenizerDataset(setup["records"][:8], setup["student_tok"], setup["teacher_tok"], MAX_LEN)
     collate = CrossTokenizerCollator(setup["student_tok"].pad_token_id, teacher_pad_id=setup["teacher_tok"].pad_token_id)
     parts = [objective.loss(collate([ds[i] for i in idx]), setup["student"], setup["teacher"])
              for idx in (range(0, 3), range(3, 8))]
-    combined = sum(float(loss.detach()) * m["count"] for loss, m in parts) / mw["count"]
-    assert abs(combined - float(whole.detach())) < 1e-5
+    combined = sum(float(part.loss.detach()) * part.count for part in parts) / whole.count
+    assert abs(combined - float(whole.loss.detach())) < 1e-5
 
 
 def test_cached_teacher_matches_live(setup):
@@ -298,8 +300,8 @@ def test_cached_teacher_matches_live(setup):
     assert manifest.extra["tokenizer"] == str(root / "teacher")
     cache = LogitCache(cfg.output_dir)
     batch = _batch(setup, cache=cache)
-    live, _ = _objective(setup, "hybrid")[0].loss(batch, setup["student"], setup["teacher"])
-    cached, _ = _objective(setup, "hybrid", cached=True)[0].loss(batch, setup["student"], None)
+    live = _objective(setup, "hybrid")[0].loss(batch, setup["student"], setup["teacher"]).loss
+    cached = _objective(setup, "hybrid", cached=True)[0].loss(batch, setup["student"], None).loss
     # the codec keeps each position within 5e-4 nats of the true distribution
     assert abs(float(cached.detach()) - float(live.detach())) < 2e-3 * max(1.0, float(live.detach()))
     plain = CaptureConfig(**{**cfg.model_dump(), "output_dir": str(root / "cache_plain"), "offsets": False})
@@ -309,9 +311,10 @@ def test_cached_teacher_matches_live(setup):
 
 
 def _job(setup, out, cross, steps=30):
-    train = TrainConfig(objective="logit_kd", steps=steps, batch_size=8, lr=3e-3, warmup_steps=2,
-                        max_seq_len=MAX_LEN, log_every=1, loss=LossSpec(divergence="forward_kl", kd_ratio=0.9),
-                        cross_tokenizer=cross)
+    objective = {"name": "logit_kd", "loss": LossSpec(divergence="forward_kl", kd_ratio=0.9),
+                 "cross_tokenizer": cross}
+    train = TrainConfig(objective=objective, steps=steps, batch_size=8, lr=3e-3, warmup_steps=2,
+                        max_seq_len=MAX_LEN, log_every=1)
     return TrainJobConfig(output_dir=str(out), model=ModelConfig(hidden_size=32, num_layers=1, num_heads=2),
                           tokenizer={"path": str(setup["root"] / "student_tok")},
                           teacher=ModelConfig(path=str(setup["root"] / "teacher"), device="cpu"),

@@ -65,12 +65,13 @@ def _losses(run_dir: Path) -> list[float]:
 
 @pytest.mark.parametrize("train", [
     # fused JSD through the DDP-wrapped student's own forward; the teacher copied per process on request
-    {"objective": "logit_kd", "teacher_sharding": "replicate",
-     "loss": {"divergence": "jsd", "beta": 0.5, "kd_ratio": 0.5, "form": "fused", "chunk_tokens": 16}},
+    {"objective": {"name": "logit_kd", "loss": {"divergence": "jsd", "beta": 0.5, "kd_ratio": 0.5,
+                                                "form": "fused", "chunk_tokens": 16}},
+     "teacher_sharding": "replicate"},
     # the objective's own projection is not DDP-wrapped: its gradients are reduced by the loop
     # (the relation term is a mean per sequence, so it is left out of this exact comparison)
-    pytest.param({"objective": "feature_kd", "teacher_sharding": "replicate", "grad_accum_steps": 2,
-                  "feature": {"layer_map": {1: 1, -1: -1}}}, marks=pytest.mark.slow),
+    pytest.param({"objective": {"name": "feature_kd", "layer_map": {1: 1, -1: -1}},
+                  "teacher_sharding": "replicate", "grad_accum_steps": 2}, marks=pytest.mark.slow),
 ], ids=["logit_kd_fused", "feature_kd_accum"])
 def test_two_processes_match_one(tmp_path, teacher_dir, train):
     one = _train(_config(tmp_path, teacher_dir, "one", train), 1)

@@ -7,12 +7,18 @@ import json
 import pytest
 
 from distillery.config import TaskConfig
-from distillery.elicit.engine import MalformedOutput, Outcome, PhaseFiles, ResponseCache, run_phase
 from distillery.elicit.labeling import LabelingConfig, label_problems, parse_answer, run_labeling
 from distillery.elicit.seeds import Seed
 from distillery.records import read_jsonl
 from distillery.tasks import load_problems
 from distillery.teachers import GenerationRequest, HFTeacher, SamplingParams
+from distillery.teachers.phases import (
+    MalformedOutput,
+    Outcome,
+    PhaseFiles,
+    ResponseCache,
+    run_phase,
+)
 
 PARAMS = SamplingParams(max_new_tokens=5)
 
@@ -106,9 +112,11 @@ def test_bad_output_becomes_a_reject_with_its_reason_not_a_crash(tmp_path, teach
     ("text", "rationale", "answer"),
     [
         ("2+3=5\nFinal answer: 5", "2+3=5", "5"),
-        ("so **Final answer:** 42 ", "so **Final answer:** 42", None),  # not on its own line
+        ("so **Final answer:** 42 ", "so", "42"),  # the shared extractor: anywhere in the text
         ("steps\n**Final answer:** 42", "steps", "42"),
-        ("We get \\boxed{\\frac{3}{4}} here", "We get", "\\frac{3}{4}"),
+        ("We get \\boxed{\\frac{3}{4}} here", "We get", "3/4"),  # LaTeX normalized
+        ("3+4=7; 7*2=14; answer 14", "3+4=7; 7*2=14", "14"),
+        ("The answer is 78-73", "", "78-73"),  # an expression stays whole
         ("12+34=46;46-5=41;#41", "12+34=46;46-5=41", "41"),
         ("Adding them, the answer is 7.", "Adding them,", "7"),
         ("no answer at all", "no answer at all", None),
@@ -146,3 +154,44 @@ def test_demo_teacher_labels_with_provenance(tmp_path):
     assert right >= 14  # the shipped teacher is ~98% accurate on this task
     m = recs[0]["meta"]
     assert m["method"] == "labeling" and m["seed_id"] == problems[0].id and m["rationale"]
+
+
+def test_retryable_failures_are_retried_by_a_rerun_and_later_phases_catch_up(tmp_path):
+    """Two chained phases against a real HTTP server: 503s (retries exhausted) make retryable
+    rejects; the next run sends exactly those again, and the second phase, finished on the first
+    phase's partial output, is re-opened for the records that were missing. A 400 stays final."""
+    from fault_server import Fault, FaultServer
+
+    from distillery.teachers.openai import OpenAITeacher
+    from distillery.teachers.phases import read_phase
+
+    def run_both(server):
+        teacher = OpenAITeacher("m", server.base_url, max_retries=0, max_concurrency=4)
+        a, sa = run_phase("a", _requests(6), teacher, _one_record, tmp_path, show_progress=False)
+        chained = [GenerationRequest(f"b-{r['id']}", [{"role": "user", "content": "check " + r["text"]}], PARAMS)
+                   for r in read_phase(a)]
+        b, sb = run_phase("b", chained, teacher, _one_record, tmp_path, show_progress=False)
+        return read_phase(a), read_phase(b), sa, sb
+
+    faults = {"1+1": Fault.http(503), "2+2": Fault.http(503), "3+3": Fault.http(400)}
+    with FaultServer(prompt_faults=faults) as server:
+        a, b, sa, sb = run_both(server)
+    assert len(a) == 3 and len(b) == 3
+    assert (sa.failed, sa.retryable, sa.total) == (3, 2, 6)
+    rejects = read_jsonl(tmp_path / "a.rejects.jsonl")
+    assert sorted((r["meta"]["request_id"], r.get("retryable", False)) for r in rejects) == [
+        ("r1", True), ("r2", True), ("r3", False)]
+    assert (tmp_path / "a.retry").exists() and (tmp_path / "b.retry").exists()
+
+    with FaultServer(prompt_faults={"3+3": Fault.http(400)}) as server:
+        a, b, sa, sb = run_both(server)
+        sent = sorted(x.prompt for x in server.arrivals)
+    assert sent == ["1+1", "2+2", "check answer to: 1+1", "check answer to: 2+2"]
+    assert sorted(r["id"] for r in a) == ["r0", "r1", "r2", "r4", "r5"]
+    assert sorted(r["id"] for r in b) == ["b-r0", "b-r1", "b-r2", "b-r4", "b-r5"]
+    assert (sa.failed, sa.retryable, sa.resumed) == (1, 0, 4)  # r3's 400 was not sent again
+    assert not (tmp_path / "a.retry").exists() and not (tmp_path / "b.retry").exists()
+
+    with FaultServer() as server:  # nothing left to do: nothing is sent
+        run_both(server)
+        assert server.arrivals == []

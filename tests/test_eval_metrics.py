@@ -1,13 +1,12 @@
-"""Ground-truth metrics: answer extraction on crafted (and adversarial) outputs, exact match /
-token F1 properties, numeric and symbolic equivalence, pass@k against enumeration, multiple
-choice on a tiny model against a float64 loop, and the statistics (bootstrap against the
-binomial case, seeds aggregated over two levels, minimum detectable differences by simulation).
+"""Metrics over samples and models: pass@k against enumeration and against the unbiased
+estimator written out in float64, multiple choice on a tiny model against a float64 loop, and
+the statistics (bootstrap against the binomial case, seeds aggregated over two levels, minimum
+detectable differences by simulation). Grading one answer is tested in test_answers.py.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections import Counter
 
 import numpy as np
 import pytest
@@ -15,204 +14,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distillery.evaluate.extract import extract_final_answer
-from distillery.evaluate.metrics import (
-    exact_match,
-    multiple_choice_loglik,
-    normalize_text,
-    numeric_match,
-    pass_at_1,
-    pass_at_k,
-    score_item,
-    symbolic_match,
-    token_f1,
-)
+from distillery.evaluate.metrics import multiple_choice_loglik, pass_at_1, pass_at_k
 from distillery.evaluate.stats import (
     aggregate_over_seeds,
     bootstrap_ci,
     items_needed,
     min_detectable_difference,
 )
-from distillery.tasks import extract_answer, is_correct
-
-# --------------------------------------------------------------------------- extraction
-
-
-@pytest.mark.parametrize(
-    ("output", "answer", "how"),
-    [
-        # boxed: the last one, nested braces whole, LaTeX turned into plain math
-        (r"First \boxed{3}, then corrected: \boxed{\frac{3}{4}}.", "3/4", "boxed"),
-        (r"$\boxed{\dfrac{1}{2}}$", "1/2", "boxed"),
-        (r"\boxed{x^{2} + \frac{1}{x}}", "x^2 + 1/(x)", "boxed"),
-        (r"\boxed{\frac{1}{x^{2}}}", "1/(x^2)", "boxed"),  # braces inside a fraction
-        (r"\boxed{\left( 3, 4 \right)}", "( 3, 4 )", "boxed"),
-        (r"\boxed{\text{14 apples}}", "14", "boxed"),
-        (r"\boxed{-\frac{7}{2}} and the answer is 5", "-7/2", "boxed"),
-        # "the answer is" / "Answer:": the last marker decides, units and punctuation go
-        ("3+4=7, 7*2=14, so the answer is 14. Check: 14/2=7, 7-3=4.", "14", "answer_is"),
-        ("The answer is 12. Wait, 3*5 is 15, not 12. The answer is 15.", "15", "answer_is"),
-        ("The answer is 12, since 3*4 = 12 and 12 > 10.", "12", "answer_is"),
-        ("She has 42 apples. The answer is 42 apples.", "42", "answer_is"),
-        ("The total is 3 + 2 = 5 dollars, so the answer is $5.00.", "5.00", "answer_is"),
-        ("Out of 20, 15 passed: the answer is 75%.", "75%", "answer_is"),
-        ("the answer is 75 percent", "75%", "answer_is"),
-        ("Area = 3 * 1 so the answer is 3 cm^2", "3", "answer_is"),
-        ("The answer is \u22125", "-5", "answer_is"),  # unicode minus
-        ("The answer is 1,234,567.", "1234567", "answer_is"),
-        ("Answer: 1{,}000", "1000", "answer_is"),
-        ("**Answer:** 42", "42", "answer_is"),
-        ("The final answer is **-8**.", "-8", "answer_is"),
-        (r"The answer is $\frac{3}{4}$.", "3/4", "answer_is"),
-        (r"answer: \(x = -\frac{1}{2}\)", "-1/2", "answer_is"),
-        (r"The answer is 2\sqrt{3}.", "2sqrt(3)", "answer_is"),
-        ("The answer is (1, 2).", "(1, 2)", "answer_is"),
-        ("The answer is Paris.", "Paris", "answer_is"),
-        (r"The angle is 90^\circ, so the answer is 90^\circ", "90", "answer_is"),
-        # GSM8K and our own format
-        ("Natalia sold 48/2 = 24 clips in May.\n#### 72", "72", "hash"),
-        ("55*2=110;22+110=132;#132", "132", "hash"),
-        ("5-12=-7;#\u22127<|end|>", "-7", "hash"),
-        # final line: only a bare number (units allowed), fraction or whole-line formula
-        ("Step 1: 3+4=7\nStep 2: 7*2=14\n14", "14", "final_line"),
-        ("Counting them:\n42 apples.", "42", "final_line"),
-        ("So we get\n$$\\frac{7}{2}$$", "7/2", "final_line"),
-    ],
-)
-def test_extract_crafted_outputs(output, answer, how):
-    found = extract_final_answer(output)
-    assert (found.answer, found.how) == (answer, how)
-
-
-@pytest.mark.parametrize(
-    "output",
-    [
-        "", "   \n ", None, "I don't know.",
-        "3+4=7 and 7*2=14 and then",  # a chain cut off: several numbers, none stated as answer
-        "12+3=15;15-",
-        "# Step 2\nwe multiply 3 by 5 and get 15 which we",
-        "The result is 42 apples and 3 pears",  # a sentence ending in a number is not bare
-        r"The answer is \boxed{}",
-    ],
-)
-def test_extract_no_answer(output):
-    found = extract_final_answer(output)
-    assert found.answer is None and found.how == "none"
-
-
-@settings(max_examples=60, deadline=None)
-@given(
-    answer=st.integers(-(10**9), 10**9),
-    noise=st.lists(st.integers(-999, 999), min_size=0, max_size=6),
-    style=st.sampled_from(["answer_is", "boxed", "hash", "gsm8k"]),
-    commas=st.booleans(),
-    unicode_minus=st.booleans(),
-)
-def test_extract_any_integer_after_a_chain_of_other_numbers(answer, noise, style, commas, unicode_minus):
-    text = f"{answer:,}" if commas else str(answer)
-    if unicode_minus:
-        text = text.replace("-", "\u2212")
-    chain = " ".join(f"then {a} + {b} = {a + b}." for a, b in zip(noise, noise[1:]))
-    marker = {"answer_is": f"So the answer is {text}.", "boxed": f"Thus $\\boxed{{{text}}}$.",
-              "hash": f";#{text}", "gsm8k": f"\n#### {text}"}[style]
-    found = extract_final_answer(chain + " " + marker)
-    assert found.answer == str(answer)
-    assert numeric_match(found.answer, str(answer))
-
-
-def test_task_extractor_is_unchanged_and_agrees_on_its_format():
-    for output, ref in [("55*2=110;22+110=132;#132", "132"), ("The answer is 1,234.", "1234")]:
-        assert extract_answer(output) == ref and is_correct(output, ref)
-        assert extract_final_answer(output).answer == ref
-    assert extract_answer("15") is None  # the task keeps its stricter rule
-
-
-# --------------------------------------------------------------------------- text metrics
-
-
-def test_normalize_text_squad_rules_and_numbers():
-    assert normalize_text("The  Eiffel-Tower!") == "eiffel tower"
-    assert normalize_text("an Apple, a pear") == "apple pear"
-    assert exact_match("the Eiffel Tower.", "Eiffel tower")
-    assert not exact_match("-5", "5") and not exact_match("5.5", "55")
-    assert exact_match("\u22125", "-5")
-    assert not exact_match(None, "x")
-
-
-_words = st.lists(st.sampled_from(["the", "a", "Cat", "cat", "sat", "mat", "on", "5", "-5", "5.5", "!", ","]),
-                  max_size=8).map(" ".join)
-
-
-@settings(max_examples=200, deadline=None)
-@given(_words, _words, st.text(max_size=20))
-def test_exact_match_symmetric_and_reflexive(a, b, junk):
-    assert exact_match(a, b) == exact_match(b, a)
-    assert exact_match(a, a) and exact_match(junk, junk)
-    assert exact_match(a, b) == (token_f1(a, b) == 1.0 and normalize_text(a) == normalize_text(b))
-
-
-@settings(max_examples=200, deadline=None)
-@given(_words, _words, st.randoms(use_true_random=False))
-def test_token_f1_bounds_and_multiset(a, b, rnd):
-    f1 = token_f1(a, b)
-    assert 0.0 <= f1 <= 1.0
-    assert f1 == pytest.approx(token_f1(b, a))
-    same = Counter(normalize_text(a).split()) == Counter(normalize_text(b).split())
-    assert (f1 == 1.0) == same
-    shuffled = normalize_text(a).split()
-    rnd.shuffle(shuffled)
-    assert token_f1(" ".join(shuffled), a) == 1.0
-
-
-def test_token_f1_hand_computed():
-    # pred tokens: eiffel tower in paris (4); ref: eiffel tower (2); common 2
-    p, r = 2 / 4, 2 / 2
-    assert token_f1("The Eiffel Tower in Paris", "Eiffel Tower") == pytest.approx(2 * p * r / (p + r))
-    assert token_f1("cat cat cat", "cat") == pytest.approx(2 * (1 / 3) * 1 / (1 / 3 + 1))
-    assert token_f1("", "") == 1.0 and token_f1("x", "") == 0.0 and token_f1(None, "x") == 0.0
-
-
-# --------------------------------------------------------------------------- math metrics
-
-
-@pytest.mark.parametrize(
-    ("pred", "ref", "numeric", "symbolic"),
-    [
-        ("3/4", "0.75", True, True),
-        (r"\frac{3}{4}", "0.75", True, True),
-        ("1,000", "1000.0", True, True),
-        ("75%", "0.75", True, True),
-        ("-5", "5", False, False),
-        ("x^2+x", "x*(x+1)", False, True),
-        ("2sqrt(3)", r"\sqrt{12}", False, True),
-        ("abc", "abc", False, True),  # same text: not a number, but equivalent
-        (None, "1", False, False),
-    ],
-)
-def test_numeric_and_symbolic_match(pred, ref, numeric, symbolic):
-    assert numeric_match(pred, ref) is numeric
-    assert symbolic_match(pred, ref) is symbolic
-
-
-def test_numeric_match_relative_tolerance():
-    assert not numeric_match("3.14159", "3.1416")
-    assert numeric_match("3.14159", "3.1416", rel_tol=1e-4)
-
-
-def test_score_item_keeps_format_failures_apart():
-    assert score_item("so the answer is \u221214.", "-14").status == "correct"
-    wrong = score_item("3*5=15, so the answer is 16.", "15")
-    assert (wrong.status, wrong.answer, wrong.score) == ("wrong", "16", 0.0)
-    cut = score_item("3*5=15, and then 15+", "15")
-    assert (cut.status, cut.answer, cut.how) == ("no_answer", None, "none")
-    # short-answer QA: the whole reply is the answer for text metrics
-    assert score_item("Paris", "paris", "exact_match").status == "correct"
-    partial = score_item("The answer is Paris France", "Paris", "token_f1")
-    assert partial.status == "wrong" and partial.score == pytest.approx(2 / 3)
-    assert score_item("", "Paris", "token_f1").status == "no_answer"
-    with pytest.raises(ValueError, match="unknown metric 'bleu'"):
-        score_item("1", "1", "bleu")
-
 
 # --------------------------------------------------------------------------- pass@k
 
@@ -223,6 +31,25 @@ def test_pass_at_1_by_hand():
     assert np.mean(pass_at_1(samples)) == pytest.approx((3 + 0 + 4 + 1) / 16)
     with pytest.raises(ValueError, match="item 1 has no samples"):
         pass_at_1([[True], []])
+
+
+def test_pass_at_k_against_the_unbiased_estimator_in_float64():
+    """n=5 samples, c=2 correct: pass@k = 1 - C(n-c, k)/C(n, k), written with float64 factorials
+    (pass@1 = 0.4, pass@2 = 0.7, pass@3 = 0.9, pass@4 = pass@5 = 1)."""
+    def comb(a: int, b: int) -> np.float64:
+        if b > a:
+            return np.float64(0.0)
+        fact = [np.float64(1.0)]
+        for i in range(1, a + 1):
+            fact.append(fact[-1] * np.float64(i))
+        return fact[a] / (fact[b] * fact[a - b])
+
+    n, c = 5, 2
+    samples = [True, False, True, False, False]
+    for k in range(1, n + 1):
+        expected = np.float64(1.0) - comb(n - c, k) / comb(n, k)
+        assert pass_at_k([samples], k)[0] == pytest.approx(float(expected), abs=1e-15)
+    assert [pass_at_k([samples], k)[0] for k in range(1, 6)] == pytest.approx([0.4, 0.7, 0.9, 1.0, 1.0])
 
 
 @settings(max_examples=50, deadline=None)

@@ -56,6 +56,73 @@ def test_evaluate_model_scores_and_counts_format_failures(tiny_model_dir):
     assert res["tokens_per_s"] > 0 and res["params"] > 0
 
 
+def test_eval_samples_gives_averaged_pass_at_1_and_pass_at_k(demo_teacher, tmp_path, one_thread):
+    """eval.samples = 4 on the demo teacher at temperature 1: accuracy is the mean over problems
+    of the share of correct samples, pass@k the unbiased estimate from each problem's samples,
+    and both reach metrics.json."""
+    import json
+    from math import comb
+
+    from distillery.config import TaskConfig
+    from distillery.evaluate.report import write_metrics
+    from distillery.tasks import load_problems
+
+    problems = load_problems(TaskConfig(num_operands=3, digits=2), "eval", 8, seed=0)
+    cfg = EvalConfig(num_problems=8, batch_size=8, max_new_tokens=24, bootstrap_resamples=200,
+                     speed_prompts=1, samples=4, pass_k=[1, 2, 4], temperature=1.5)
+    res = evaluate_model(demo_teacher, problems, cfg)
+    assert res["samples"] == 4 and all(len(i["samples"]) == 4 for i in res["items"])
+    flags = [[s["correct"] for s in i["samples"]] for i in res["items"]]
+    assert res["accuracy"] == pytest.approx(np.mean([np.mean(f) for f in flags]))
+    assert res["no_answer"] == sum(s["status"] == "no_answer" for i in res["items"] for s in i["samples"])
+    for k in (1, 2, 4):
+        plain = np.mean([1.0 - comb(4 - sum(f), k) / comb(4, k) for f in flags])
+        assert res["pass_at_k"][str(k)]["value"] == pytest.approx(plain)
+    assert res["pass_at_k"]["1"]["value"] == pytest.approx(res["accuracy"])
+    assert res["pass_at_k"]["1"]["value"] <= res["pass_at_k"]["2"]["value"] <= res["pass_at_k"]["4"]["value"]
+    # sampling at temperature 1.5 differs between samples somewhere, and the teacher is good
+    assert any(len({s["output"] for s in i["samples"]}) > 1 for i in res["items"])
+    assert res["accuracy"] > 0.3
+    metrics = write_metrics(tmp_path / "metrics.json", {"teacher": res}, task="t", n_eval=8, extra={})
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["models"]["teacher"]["pass_at_k"] == metrics["models"]["teacher"]["pass_at_k"]
+
+
+def test_multiple_choice_by_the_models_log_likelihood(demo_teacher, one_thread):
+    """task.grader multiple_choice in eval: the options are whole chains (one right, two with a
+    wrong final answer) and the pick is the demo teacher's likeliest option, whatever it wrote."""
+    from dataclasses import replace
+
+    from distillery.chat import prompt_text
+    from distillery.config import TaskConfig
+    from distillery.evaluate.grading import task_grader
+    from distillery.evaluate.metrics import multiple_choice_loglik
+    from distillery.tasks import load_problems
+
+    cfg_task = TaskConfig(num_operands=3, digits=2, grader={"name": "multiple_choice"})
+    problems = []
+    for i, p in enumerate(load_problems(cfg_task, "eval", 6, seed=1)):
+        wrong = [p.chain.replace(f"#{p.reference}", f"#{int(p.reference) + d}") for d in (1, -10)]
+        options = [*wrong[: i % 3], p.chain, *wrong[i % 3 :]]
+        problems.append(replace(p, reference="ABC"[i % 3], extra={"options": options}))
+    cfg = EvalConfig(num_problems=6, batch_size=6, max_new_tokens=4, bootstrap_resamples=200, speed_prompts=1)
+    grader = task_grader(cfg_task.grader, model=demo_teacher, problems=problems)
+    res = evaluate_model(demo_teacher, problems, cfg, grader=grader)
+    assert res["grader"] == "multiple_choice" and res["accuracy"] >= 5 / 6
+    first = problems[0]
+    direct = multiple_choice_loglik(demo_teacher.model, demo_teacher.tokenizer,
+                                    prompt_text(first.messages, demo_teacher.tokenizer), first.extra["options"])
+    assert res["items"][0]["answer"] == "ABC"[direct.best_index]
+
+
+def test_eval_samples_config_is_checked():
+    assert EvalConfig().sampling_temperature == 0.0 and EvalConfig(samples=3).sampling_temperature == 1.0
+    with pytest.raises(ValueError, match="eval.pass_k holds 5"):
+        EvalConfig(samples=4, pass_k=[1, 5])
+    with pytest.raises(ValueError, match="eval.temperature is 0"):
+        EvalConfig(samples=4, temperature=0)
+
+
 def test_ratio_interval_against_a_plain_loop():
     rng = np.random.default_rng(2)
     teacher = (rng.random(300) < 0.9).astype(float)

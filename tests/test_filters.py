@@ -12,15 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from distillery.answers import equivalent as answers_equivalent
+from distillery.answers import extract_final_answer
 from distillery.config import TaskConfig
 from distillery.elicit.filters import (
     FilterConfig,
-    answers_equivalent,
     apply_filters,
     build_filters,
     decontaminate,
     exact_dedup,
-    extract_final_answer,
     format_filter,
     judge_score_filter,
     length_filter,
@@ -119,17 +119,20 @@ def test_verify_filter():
     assert f(sft("a", "q", "55*2=110;22+", reference="132")) == "no final answer found in the response"
     assert f(sft("a", "q", "#5")) == "no reference to verify against"
     assert verify_filter(keep_unreferenced=True)(sft("a", "q", "#5")) is None
-    custom = verify_filter(extract=lambda text: text.split()[-1])
+    custom = verify_filter({"name": "regex", "pattern": r"(\S+)$"})
     assert custom(sft("a", "q", "it is 1,000", reference="1000")) is None
+    # the task's grader decides: numeric does not evaluate an expression, symbolic does
+    assert verify_filter("numeric")(sft("a", "q", "The answer is 78-73", reference="5")) is not None
+    assert verify_filter("symbolic")(sft("a", "q", "The answer is 78-73", reference="5")) is None
 
 
 def test_extract_final_answer():
-    assert extract_final_answer("so \\boxed{\\frac{1}{2}} and \\boxed{7}") == "7"
-    assert extract_final_answer("a;b;#1,024") == "1024"
-    assert extract_final_answer("The answer is 42.") == "42"
-    assert extract_final_answer("Work...\nFinal answer: x^2 + 1") == "x^2 + 1"
-    assert extract_final_answer("I answered it, and the answer depends") is None
-    assert extract_final_answer(None) is None
+    assert extract_final_answer("so \\boxed{\\frac{1}{2}} and \\boxed{7}").answer == "7"
+    assert extract_final_answer("a;b;#1,024").answer == "1024"
+    assert extract_final_answer("The answer is 42.").answer == "42"
+    assert extract_final_answer("Work...\nFinal answer: x^2 + 1").answer == "x^2 + 1"
+    assert extract_final_answer("I answered it, and the answer depends").answer is None
+    assert extract_final_answer(None).answer is None
 
 
 # --------------------------------------------------------------------------- answer equivalence

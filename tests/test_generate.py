@@ -163,19 +163,61 @@ def test_openai_backend_against_distillery_serve_matches_the_local_teacher(tmp_p
     assert summary["tokens"]["teacher"]["completion"] > 24 and summary["teacher"] == "demo_teacher"
 
 
-def test_an_unreachable_teacher_gives_rejects_with_the_reason_not_a_crash(tmp_path):
+def test_a_teacher_that_is_down_exits_2_and_a_rerun_retries_its_requests(tmp_path):
+    """Server down for the first run: every request is a retryable reject and the command exits 2
+    (not 0); the server comes up on the same port and the same command labels them all."""
     import socket
 
-    with socket.socket() as s:  # a port nobody listens on
+    from fault_server import FaultServer
+
+    with socket.socket() as s:  # a port nobody listens on (yet)
         s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
-    cfg = _config(tmp_path, Path("assets/demo_teacher"), 5,
-                  teacher=_teacher_over_http([dead], max_retries=1, backoff_base_s=0.01))
+        port = s.getsockname()[1]
+    cfg = _config(tmp_path, Path("assets/demo_teacher"), 5, teacher=_teacher_over_http(
+        [f"http://127.0.0.1:{port}/v1"], max_retries=1, backoff_base_s=0.01))
     res = _run("generate", str(cfg))
-    assert res.returncode == 0, res.stderr
+    assert res.returncode == 2, res.stderr
+    assert "none of the 5 requests got an answer" in res.stderr and "rejects.jsonl" in res.stderr
     rejects = read_jsonl(tmp_path / "out" / "rejects.jsonl")
-    assert len(rejects) == 5 and all(r["reason"].startswith("teacher_error") for r in rejects)
+    assert len(rejects) == 5 and all(r["reason"].startswith("teacher_error") and r["retryable"] for r in rejects)
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["tokens"]["teacher"]["failed_requests"] == 5
+
+    with FaultServer(port=port) as server:
+        res = _run("generate", str(cfg))
+        assert res.returncode == 0, res.stderr
+        assert len(server.arrivals) == 5  # exactly the failed ones, each once
+    records = read_jsonl(tmp_path / "out" / "records.jsonl")
+    assert sorted(r["meta"]["seed_id"] for r in records) == [f"q{i}" for i in range(5)]
+    assert read_jsonl(tmp_path / "out" / "rejects.jsonl") == []
+    assert not (tmp_path / "out" / "work" / "labeled.retry").exists()
+    with FaultServer(port=port) as server:  # a third run has nothing left to ask
+        assert _run("generate", str(cfg)).returncode == 0
+        assert server.arrivals == []
+
+
+def test_failures_past_max_failure_rate_exit_2_and_keep_the_records(tmp_path):
+    """A 400 is final (not retried by a re-run); over the threshold the command exits 2 with the
+    records that succeeded written; under it, it exits 0."""
+    from fault_server import Fault, FaultServer
+
+    with FaultServer(prompt_faults={"1+1": Fault.http(400), "2+2": Fault.http(400)}) as server:
+        teacher = _teacher_over_http([server.base_url], max_retries=0)
+        cfg = _config(tmp_path / "strict", Path("assets/demo_teacher"), 10, teacher=teacher)
+        res = _run("generate", str(cfg))
+        assert res.returncode == 2, res.stderr
+        assert "2 of 10 requests (20%) got no answer, more than max_failure_rate=0.1" in res.stderr
+        assert "0 of the failures are retryable" in res.stderr
+        out = tmp_path / "strict" / "out"
+        assert len(read_jsonl(out / "records.jsonl")) == 8
+        rejects = read_jsonl(out / "rejects.jsonl")
+        assert len(rejects) == 2 and not any(r.get("retryable") for r in rejects)
+        arrived = len(server.arrivals)
+        assert _run("generate", str(cfg)).returncode == 2  # final failures are not sent again
+        assert len(server.arrivals) == arrived
+
+        lenient = _config(tmp_path / "lenient", Path("assets/demo_teacher"), 10, teacher=teacher,
+                          max_failure_rate=0.25)
+        assert _run("generate", str(lenient)).returncode == 0
 
 
 ARITH = {"name": "arithmetic", "num_operands": 3, "digits": [1, 2]}

@@ -17,8 +17,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from distillery.answers import extract_final_answer
 from distillery.config import TaskConfig
-from distillery.elicit.engine import MalformedOutput, ResponseCache
 from distillery.evaluate.judge import (
     Comparison,
     JudgeItem,
@@ -36,9 +36,10 @@ from distillery.evaluate.judge import (
     win_rate,
 )
 from distillery.serve import start_server
-from distillery.tasks import extract_answer, is_correct, load_problems
+from distillery.tasks import is_correct, load_problems
 from distillery.teachers.base import SamplingParams
 from distillery.teachers.openai import OpenAITeacher
+from distillery.teachers.phases import MalformedOutput, ResponseCache
 from rule_judge import Crash, RuleJudge, always, grade_by_reference, prefers_correct, prefers_longer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -269,7 +270,9 @@ def test_fit_logistic_stays_finite_on_separable_data():
     assert np.all(np.isfinite(theta)) and theta[1] > 10
 
 
-@settings(max_examples=8, deadline=None)
+# derandomized: at n = 3000 the estimate's error is itself random, and an unlucky draw (seen once:
+# 0.042 at true_rate 0.5, bias 1.0, seed 5662) must not make CI flaky; the same 8 cases every run
+@settings(max_examples=8, deadline=None, derandomize=True)
 @given(st.floats(0.2, 0.8), st.floats(1.0, 3.0), st.integers(0, 2**16))
 def test_length_controlled_rate_recovers_a_planted_rate(true_rate, bias, seed):
     """Model A is longer on average; the judge adds a length bonus to a true win rate. The raw
@@ -301,7 +304,7 @@ def test_pointwise_grades_reference_guided_and_unparsed(demo, strong, problems, 
              for i, it in enumerate(strong[16:] + cut)]
     judge = RuleJudge(grade_by_reference)
     grades = grade_pointwise(judge, items, tmp_path, **quiet())
-    expected = [None if extract_answer(it.answer) is None else
+    expected = [None if extract_final_answer(it.answer).answer is None else
                 5 if it.reference is None else 9 if is_correct(it.answer, it.reference) else 3
                 for it in items]
     assert {None, 5, 9} <= set(expected)

@@ -14,17 +14,18 @@ import pytest
 import torch
 import yaml
 
+from distillery.capture import run_capture
+from distillery.chat import tokenize_messages
 from distillery.config import CaptureConfig, DataConfig, TaskConfig, TeacherConfig, TrainJobConfig
 from distillery.logits import LogitCache
-from distillery.logits.cache import CacheMismatchError
-from distillery.logits.capture import run_capture, stored_positions
+from distillery.logits.cache import CacheMismatchError, stored_positions
 from distillery.losses import LossSpec, distillation_loss
 from distillery.models import load_model, load_tokenizer, train_tokenizer
 from distillery.records import ground_truth_records, write_jsonl_atomic
 from distillery.tasks import load_problems
 from distillery.train.cached import CachedCollator, CachedSFTDataset
-from distillery.train.data import tokenize_messages
-from distillery.train.objectives import LogitKDObjective, shifted_targets
+from distillery.train.objectives.logit_kd import LogitKDObjective
+from distillery.train.targets import shifted_targets
 
 TASK = TaskConfig(num_operands=2, digits=(1, 2))
 
@@ -86,7 +87,7 @@ def test_training_from_the_cache_equals_the_live_teacher_restricted_to_topk(cach
             p.add_(0.05 * torch.randn_like(p))
     teacher = load_model(str(tiny_model_dir)).double()
 
-    cached_loss, _ = LogitKDObjective(spec, cached=True).loss(batch, student, None)
+    cached_loss = LogitKDObjective(spec, cached=True).loss(batch, student, None).loss
     (g_cached,) = torch.autograd.grad(cached_loss, student.lm_head.weight)
 
     # the live teacher, float64, restricted to the same top k: the plain reference

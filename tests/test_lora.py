@@ -27,7 +27,7 @@ from distillery.tasks import load_problems
 from distillery.train.data import Collator, SFTDataset
 from distillery.train.finetune_teacher import finetune_teacher, teacher_finetune_dir
 from distillery.train.loop import train_loop
-from distillery.train.objectives import SFTObjective
+from distillery.train.objectives.sft import SFTObjective
 
 TRAIN = dict(steps=8, batch_size=8, lr=1e-2, warmup_steps=0, min_lr_ratio=1.0, max_seq_len=64, log_every=1)
 
@@ -199,7 +199,7 @@ def _grads_and_saved_bytes(model, batch) -> tuple[list[torch.Tensor], int]:
 
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss, _ = SFTObjective().loss(batch, model)
+        loss = SFTObjective().loss(batch, model).loss
     params = [p for p in model.parameters() if p.requires_grad]
     return list(torch.autograd.grad(loss, params)), saved
 
@@ -257,8 +257,8 @@ def test_teacher_finetune_is_reused_and_retrained_on_change(tmp_path, model_cfg,
 
 @needs_peft
 def test_packed_rows_train_a_checkpointed_lora_model_like_padded_ones(model_cfg, tiny_tokenizer, records):
-    from distillery.train.objectives import cross_entropy, shifted_targets
     from distillery.train.packing import PackedCollator, model_inputs
+    from distillery.train.targets import cross_entropy, shifted_targets
 
     items = SFTDataset(records[:12], tiny_tokenizer, 64).items
     model = load_model_for_training(model_cfg, LoraConfig(r=4), gradient_checkpointing=True).train()
@@ -266,7 +266,7 @@ def test_packed_rows_train_a_checkpointed_lora_model_like_padded_ones(model_cfg,
     packed = PackedCollator(tiny_tokenizer.pad_token_id, 64)(items)
     loss_packed = cross_entropy(model(**model_inputs(packed)).logits[:, :-1], shifted_targets(packed)[0])
     grads_packed = torch.autograd.grad(loss_packed, params)
-    loss_padded, _ = SFTObjective().loss(Collator(tiny_tokenizer.pad_token_id)(items), model)
+    loss_padded = SFTObjective().loss(Collator(tiny_tokenizer.pad_token_id)(items), model).loss
     grads_padded = torch.autograd.grad(loss_padded, params)
     assert packed["input_ids"].shape[0] < len(items)
     assert abs(loss_packed.item() - loss_padded.item()) < 1e-5

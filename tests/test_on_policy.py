@@ -17,14 +17,14 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from distillery.chat import IGNORE
 from distillery.config import ModelConfig, TaskConfig, TrainConfig
 from distillery.losses import distillation_loss
 from distillery.models import build_model, load_model, load_tokenizer
 from distillery.records import ground_truth_records
 from distillery.tasks import load_problems
 from distillery.train import Collator, SFTDataset, train_loop
-from distillery.train.data import IGNORE
-from distillery.train.on_policy import OnPolicyObjective
+from distillery.train.objectives.on_policy import OnPolicyConfig, OnPolicyObjective
 from distillery.train.sampling import batch_prompts, continuation_batch, sample_continuations
 
 TEACHER = "assets/demo_teacher"
@@ -61,8 +61,15 @@ def _batch(tok, records: list[dict]) -> dict[str, torch.Tensor]:
 
 def _objective(tok, seed: int = 0, loss: dict | None = None, max_seq_len: int = MAX_LEN,
                **on_policy) -> OnPolicyObjective:
-    cfg = TrainConfig(objective="on_policy", on_policy=on_policy, loss=loss, seed=seed, max_seq_len=max_seq_len)
-    return OnPolicyObjective(cfg, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = OnPolicyConfig(loss=loss, **on_policy)
+    return OnPolicyObjective(cfg, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                             max_seq_len=max_seq_len, seed=seed)
+
+
+def _from_train(cfg: TrainConfig, tok) -> OnPolicyObjective:
+    """The objective of a train config's ``objective`` block, with the loop's seed and length."""
+    return OnPolicyObjective(cfg.objective, tok.eos_token_id, tok.pad_token_id,
+                             max_seq_len=cfg.max_seq_len, seed=cfg.seed)
 
 
 class Scored:
@@ -107,15 +114,16 @@ def test_greedy_on_policy_step_scores_the_students_own_generation(tok, teacher):
     student, batch = _student(tok), _batch(tok, _records(4))
     obj = _objective(tok, lmbda=1.0, temperature=0.0, max_new_tokens=12)
     with Scored(teacher) as scored:
-        _, metrics = obj.loss(batch, student, teacher)
+        out = obj.loss(batch, student, teacher)
+    metrics = out.metrics
     prompts = batch_prompts(batch)
     expected = [p + _generate_alone(student, p, 12, tok.eos_token_id) for p in prompts]
     assert scored.rows() == expected
     assert scored.rows() != _record_rows(batch)
     assert metrics["on_policy"] == 1.0
     # only the continuation counts: every generated token, no prompt token
-    assert metrics["count"] == sum(len(e) - len(p) for e, p in zip(expected, prompts))
-    assert metrics["gen_tokens"] == metrics["count"] / len(prompts)
+    assert out.count == sum(len(e) - len(p) for e, p in zip(expected, prompts))
+    assert metrics["gen_tokens"] == out.count / len(prompts)
 
 
 def test_sampled_on_policy_step_scores_a_student_sample(tok, teacher):
@@ -156,12 +164,12 @@ def test_lambda_zero_scores_the_records_and_lambda_one_always_samples(tok, teach
     on = _objective(tok, lmbda=1.0, max_new_tokens=8)
     for _ in range(3):
         with Scored(teacher) as scored:
-            _, metrics = off.loss(batch, student, teacher)
+            metrics = off.loss(batch, student, teacher).metrics
         assert scored.rows() == _record_rows(batch)
         assert len(scored.calls) == 1  # scored, nothing generated
         assert (metrics["on_policy"], metrics["gen_tokens"]) == (0.0, 0.0)
         with Scored(teacher) as scored:
-            _, metrics = on.loss(batch, student, teacher)
+            metrics = on.loss(batch, student, teacher).metrics
         assert scored.rows() != _record_rows(batch)
         assert metrics["on_policy"] == 1.0 and metrics["gen_tokens"] > 0
 
@@ -189,7 +197,7 @@ def test_coin_share_is_binomial_and_the_same_per_seed(tok, seed):
 def test_loss_follows_the_coin_sequence(tok, teacher):
     student, batch = _student(tok), _batch(tok, _records(2))
     obj, twin = _objective(tok, seed=5, lmbda=0.5, max_new_tokens=4), _objective(tok, seed=5, lmbda=0.5)
-    seen = [obj.loss(batch, student, teacher)[1]["on_policy"] for _ in range(8)]
+    seen = [obj.loss(batch, student, teacher).metrics["on_policy"] for _ in range(8)]
     expected = [float(twin.draw_on_policy()) for _ in range(8)]
     assert seen == expected and 0 < sum(seen) < 8
 
@@ -208,17 +216,17 @@ def test_state_dict_resumes_the_coin_sequence(tok):
 
 def test_a_resumed_train_loop_continues_the_coins_and_the_run(tok, teacher, tmp_path):
     # with seed 4, coins 5-8 differ from coins 1-4: a run that restarted its coin would show it
-    cfg = TrainConfig(objective="on_policy", on_policy={"lmbda": 0.5, "max_new_tokens": 8}, steps=8,
+    cfg = TrainConfig(objective={"name": "on_policy", "lmbda": 0.5, "max_new_tokens": 8}, steps=8,
                       batch_size=4, lr=1e-2, warmup_steps=1, max_seq_len=MAX_LEN, log_every=1, seed=4,
                       checkpoint={"every": 4, "keep_last": 2})
-    coins = OnPolicyObjective(cfg, tok.eos_token_id, tok.pad_token_id)
+    coins = _from_train(cfg, tok)
     flips = [float(coins.draw_on_policy()) for _ in range(8)]
     assert flips[4:] != flips[:4]
     ds = SFTDataset(_records(32), tok, MAX_LEN)
 
     def run(directory, resume: bool):
         student = _student(tok)
-        obj = OnPolicyObjective(cfg, tok.eos_token_id, tok.pad_token_id)
+        obj = _from_train(cfg, tok)
         result = train_loop(student, obj, ds, Collator(tok.pad_token_id), cfg, teacher, None, False,
                             checkpoint_dir=directory, resume=resume)
         return student, [(h["step"], h["on_policy"], h["loss"]) for h in result.history]
@@ -244,7 +252,8 @@ def test_seq_kd_scores_the_teachers_greedy_generation(tok, teacher):
     obj = _objective(tok, lmbda=0.0, seq_kd=True, temperature=0.0, max_new_tokens=40,
                      loss={"divergence": "jsd", "beta": 0.5, "kd_ratio": 0.5})
     with Scored(teacher) as scored:
-        _, metrics = obj.loss(batch, student, teacher)
+        out = obj.loss(batch, student, teacher)
+    metrics = out.metrics
     prompts = batch_prompts(batch)
     expected = [p + _generate_alone(teacher, p, 40, tok.eos_token_id) for p in prompts]
     assert scored.rows() == expected
@@ -284,13 +293,14 @@ def test_loss_matches_a_float64_reference(tok, teacher, form, lmbda):
                      loss={"divergence": "jsd", "beta": 0.5, "kd_ratio": 0.6, "temperature": 2.0, "form": form})
     torch.manual_seed(7)
     with Scored(teacher) as scored:
-        loss, metrics = obj.loss(batch, student, teacher)
+        out = obj.loss(batch, student, teacher)
+    loss, metrics = out.loss, out.metrics
     prompt_lens = [len(p) for p in batch_prompts(batch)]
     # on-policy the CE is dropped and the divergence keeps its weight (0.6); off-policy both count
     want = _by_hand(student, teacher, scored.rows(), prompt_lens, T=2.0, r=0.6, with_ce=lmbda == 0.0)
     assert loss.item() == pytest.approx(want, rel=1e-5)
     assert ("ce" in metrics) == (lmbda == 0.0)
-    assert metrics["count"] == sum(len(row) - n for row, n in zip(scored.rows(), prompt_lens))
+    assert out.count == sum(len(row) - n for row, n in zip(scored.rows(), prompt_lens))
 
 
 # --------------------------------------------------------------------------- 4. training
@@ -312,9 +322,9 @@ def _on_policy_divergence(student, teacher, spec, prompts, tok, samples=None) ->
 
 def _train(tok, teacher, steps: int = 30, **on_policy):
     records, held_out = _records(64), _batch(tok, _records(16, "eval", seed=1))
-    cfg = TrainConfig(objective="on_policy", on_policy={"max_new_tokens": 16, **on_policy}, steps=steps,
+    cfg = TrainConfig(objective={"name": "on_policy", "max_new_tokens": 16, **on_policy}, steps=steps,
                       batch_size=8, lr=1e-2, warmup_steps=2, max_seq_len=MAX_LEN, log_every=5)
-    student, obj = _student(tok), OnPolicyObjective(cfg, tok.eos_token_id, tok.pad_token_id)
+    student, obj = _student(tok), _from_train(cfg, tok)
     prompts = batch_prompts(held_out)
     before, first_samples = _on_policy_divergence(student, teacher, obj.spec, prompts, tok)
     result = train_loop(student, obj, SFTDataset(records, tok, MAX_LEN), Collator(tok.pad_token_id), cfg,

@@ -9,17 +9,19 @@ from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import find_packed_sequence_indices
 
+from distillery.chat import IGNORE
+from distillery.config import TrainJobConfig
 from distillery.records import ground_truth_records
 from distillery.tasks import load_problems
-from distillery.train.data import IGNORE, Collator, SFTDataset
-from distillery.train.objectives import SFTObjective, cross_entropy, shifted_targets
+from distillery.train.data import Collator, SFTDataset
+from distillery.train.objectives.sft import SFTObjective
 from distillery.train.packing import (
     PackedCollator,
-    check_packing,
     model_inputs,
     pack_rows,
     segment_ids,
 )
+from distillery.train.targets import cross_entropy, shifted_targets
 
 MAX_LEN = 64
 
@@ -79,7 +81,7 @@ def test_packed_sft_loss_and_gradient_equal_the_padded_batch(items, tiny_tokeniz
     targets, _ = shifted_targets(packed)
     loss_packed = cross_entropy(model(**model_inputs(packed)).logits[:, :-1], targets)
     grads_packed = torch.autograd.grad(loss_packed, list(model.parameters()))
-    loss_padded, _ = SFTObjective().loss(padded, model)
+    loss_padded = SFTObjective().loss(padded, model).loss
     grads_padded = torch.autograd.grad(loss_padded, list(model.parameters()))
 
     reference = _plain_sft_loss_f64(model, items)
@@ -152,13 +154,23 @@ def test_an_item_longer_than_a_row_is_refused():
         PackedCollator(0, 4)([{"input_ids": [1] * 5, "labels": [1] * 5}])
 
 
-@pytest.mark.parametrize("kwargs, why", [
-    ({"objective": "on_policy"}, "builds its own batches"),
-    ({"objective": "logit_kd", "cached": True}, "logit cache"),
-    ({"objective": "feature_kd", "relation_weight": 0.5}, "relation_weight"),
+def _packed_job(objective, **job):
+    return TrainJobConfig(output_dir="unused", data={"path": "unused.jsonl"},
+                          train={"objective": objective, "packing": True}, **job)
+
+
+@pytest.mark.parametrize("objective, job, why", [
+    ("on_policy", {"teacher": {}}, "'on_policy' samples its own batches"),
+    ("reward", {}, "'reward' samples its own batches"),
+    ("preference", {}, "'preference' does not take packed batches"),
+    ("logit_kd", {"teacher_cache": "unused"}, "logit cache"),
+    ({"name": "logit_kd", "cross_tokenizer": {}}, {"teacher": {}}, "'logit_kd' does not take packed batches"),
+    ({"name": "feature_kd", "relation_weight": 0.5}, {"teacher": {}}, "'feature_kd' does not take packed"),
 ])
-def test_packing_is_refused_where_rows_would_mix(kwargs, why):
+def test_packing_is_refused_where_rows_would_mix(objective, job, why):
+    """What packs is declared by each objective's needs (and its config), checked with the job."""
     with pytest.raises(ValueError, match=why):
-        check_packing(**kwargs)
-    check_packing("sft")
-    check_packing("feature_kd")
+        _packed_job(objective, **job)
+    _packed_job("sft")
+    _packed_job("logit_kd", teacher={})
+    _packed_job("feature_kd", teacher={})

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import yaml
 
-from distillery.config import RunConfig, load_config
+from distillery.config import load_config
 from distillery.pipeline import run_pipeline
+from distillery.run_config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = str(Path(sys.executable).parent / "distillery")
@@ -30,10 +31,20 @@ def _tiny_run_config(tmp: Path) -> Path:
     cfg = {
         "run_dir": str(tmp / "run"),
         "task": {"num_operands": 2, "digits": [1, 2]},
-        "teacher": {"path": str(tmp / "no_teacher_here"), "recipe": str(tmp / "teacher.yaml")},
-        "student": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_position_embeddings": 64, "device": "cpu"},
-        "generate": {"num_problems": 48, "batch_size": 24, "max_new_tokens": 12},
-        "train": {"steps": 6, "batch_size": 8, "warmup_steps": 1, "max_seq_len": 48},
+        "teacher": {"path": str(tmp / "no_teacher_here"), "recipe": str(tmp / "teacher.yaml"), "batch_size": 24},
+        "generate": {"seeds": {"num": 48, "seed": 1}, "sampling": {"max_new_tokens": 12},
+                     "labeling": {"chain_of_thought": False, "require_answer": False, "drop_truncated": False},
+                     "filters": {"near_dedup_threshold": None, "drop_refusals": False}},
+        "defaults": {
+            "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_position_embeddings": 64,
+                      "device": "cpu"},
+            "train": {"steps": 6, "batch_size": 8, "warmup_steps": 1, "max_seq_len": 48},
+        },
+        "students": {
+            "student_ground_truth": {"data": {"source": "task", "target": "answer", "num_examples": 48},
+                                     "train": {"objective": "sft"}},
+            "student_distilled": {"train": {"objective": "logit_kd"}},
+        },
         "eval": {"num_problems": 30, "batch_size": 15, "max_new_tokens": 12, "bootstrap_resamples": 200, "speed_prompts": 2},
     }
     path = tmp / "run.yaml"
@@ -47,7 +58,7 @@ def _markers(run_dir: Path) -> dict[str, float]:
 
 def test_demo_pipeline_end_to_end_then_resumes(tmp_path):
     config = _tiny_run_config(tmp_path)
-    proc = subprocess.run([CLI, "run", str(config), "train.lr=0.004"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([CLI, "run", str(config), "defaults.train.lr=0.004"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "run"
 
@@ -69,40 +80,55 @@ def test_demo_pipeline_end_to_end_then_resumes(tmp_path):
     assert metrics["scorecard"]["student_distilled"]["sentence"] in html and html.count("data:image/png;base64,") == 3
     assert "How each model was made" in html  # the pipeline's own sections, kept for `distillery report`
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert resolved["train"]["lr"] == 0.004  # the override, recorded in the run
+    # the override, recorded in the run and reaching every student
+    assert all(s["train"]["lr"] == 0.004 for s in resolved["students"].values())
     # the students are plain HF directories
     assert (run_dir / "students" / "student_distilled" / "model.safetensors").is_file()
     # the teacher-labeled data follows the records contract
-    rec = json.loads((run_dir / "data" / "teacher_labeled.jsonl").read_text().splitlines()[0])
+    rec = json.loads((run_dir / "generate" / "records.jsonl").read_text().splitlines()[0])
     assert rec["meta"]["method"] == "labeling" and rec["messages"][0]["role"] == "user"
 
     # a re-run with the same config skips every stage
-    cfg = load_config(config, RunConfig, ["train.lr=0.004"])
+    cfg = load_config(config, RunConfig, ["defaults.train.lr=0.004"])
     before = _markers(run_dir)
     again = run_pipeline(cfg)
     assert _markers(run_dir) == before
     assert again["models"]["teacher"]["accuracy"] == metrics["models"]["teacher"]["accuracy"]
 
     # more student steps: the students retrain and are re-evaluated; teacher and data do not
-    cfg = load_config(config, RunConfig, ["train.lr=0.004", "train.steps=7"])
+    cfg = load_config(config, RunConfig, ["defaults.train.lr=0.004", "defaults.train.steps=7"])
     run_pipeline(cfg)
     after = _markers(run_dir)
-    for stage in ("teacher", "data_teacher", "data_ground_truth_answer"):
+    for stage in ("teacher", "generate"):
         assert after[stage] == before[stage], stage
     for stage in ("train_student_distilled", "train_student_ground_truth", "eval_student_distilled"):
         assert after[stage] > before[stage], stage
     assert after["eval_teacher"] == before["eval_teacher"]
 
-    # new sampling settings make the labeled data stale: a partial file a killed run left under
-    # the old settings must not be resumed into the new data
-    data = run_dir / "data" / "teacher_labeled.jsonl"
-    stale = json.loads(data.read_text().splitlines()[0])
+    # new sampling settings make the generated data stale: the run's own generate directory
+    # (its phase files and partial files a killed run left) is redone, never resumed into
+    work = run_dir / "generate" / "work"
+    stale = json.loads((run_dir / "generate" / "records.jsonl").read_text().splitlines()[0])
     stale["id"] = "left-by-a-killed-run"
-    (run_dir / "data" / "teacher_labeled.jsonl.partial").write_text(json.dumps(stale) + "\n")
-    run_pipeline(load_config(config, RunConfig, ["train.lr=0.004", "train.steps=7", "generate.max_new_tokens=10"]))
-    ids = [json.loads(line)["id"] for line in data.read_text().splitlines()]
+    (work / "labeled.jsonl.partial").write_text(json.dumps(stale) + "\n")
+    run_pipeline(load_config(config, RunConfig, ["defaults.train.lr=0.004", "defaults.train.steps=7",
+                                                 "generate.sampling.max_new_tokens=10"]))
+    lines = (run_dir / "generate" / "records.jsonl").read_text().splitlines()
+    ids = [json.loads(line)["id"] for line in lines]
     assert "left-by-a-killed-run" not in ids and len(ids) == 48
-    assert all(json.loads(line)["meta"]["sampling"]["max_new_tokens"] == 10 for line in data.read_text().splitlines())
+    assert all(json.loads(line)["meta"]["sampling"]["max_new_tokens"] == 10 for line in lines)
+    assert _markers(run_dir)["train_student_distilled"] > after["train_student_distilled"]  # new data, retrained
+
+
+def test_run_never_deletes_a_directory_it_did_not_make(tmp_path):
+    config = _tiny_run_config(tmp_path)
+    mine = tmp_path / "run" / "generate"
+    mine.mkdir(parents=True)
+    (mine / "thesis.tex").write_text("years of work")
+    proc = subprocess.run([CLI, "run", str(config)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "was not made by distillery run" in proc.stderr
+    assert (mine / "thesis.tex").read_text() == "years of work"
 
 
 def test_train_command_saves_a_loadable_model(tmp_path):
@@ -122,18 +148,23 @@ def test_train_command_saves_a_loadable_model(tmp_path):
 
 def test_run_reports_config_errors_with_exit_code_2(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("run_dir: x\ntrain:\n  stepz: 3\n")
+    bad.write_text("run_dir: x\nteacher: {path: assets/demo_teacher}\nstudents:\n  s:\n    train:\n      stepz: 3\n")
     proc = subprocess.run([CLI, "run", str(bad)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "bad.yaml:3" in proc.stderr and "train.steps" in proc.stderr
+    assert "bad.yaml:6" in proc.stderr and "students.s.train.steps" in proc.stderr
 
 
 def test_report_names_how_each_student_learned():
     """The report's "how each model was made" line says a student crossed tokenizers, and how."""
-    from distillery.pipeline import _describe_objective
+    from distillery.pipeline import _report_sections
 
     cfg = load_config(Path(__file__).parents[1] / "configs/demo_cross_tokenizer.yaml", RunConfig)
-    kd, sft = cfg.students["student_xtok_kd"], cfg.students["student_sft_own_tokenizer"]
-    assert _describe_objective(cfg, kd) == ("logit_kd (forward_kl, kd_ratio 0.5, T=1.0, form dense, "
-                                            "across tokenizers by vocab_map (prefix mapping))")
-    assert _describe_objective(cfg, sft) == "sft"
+    teacher = Path("assets/demo_teacher")
+    jobs = {name: cfg.student_job(name, teacher) for name in cfg.students}
+    items = [{"prompt": "1+2+3", "reference": "6", "output": "#6", "answer": "6", "correct": True}]
+    results = {name: {"items": items, "no_answer": 0} for name in ("teacher", *jobs)}
+    _, notes = _report_sections(cfg, {}, results, teacher, jobs)
+    assert ("- **student_xtok_kd**: 2 layers × 64 hidden from random weights, 1200 steps of logit_kd "
+            "(loss={'kd_ratio': 0.5}, cross_tokenizer={'method': 'vocab_map'}) at batch 64, on the records the "
+            "teacher wrote (labeling; the teacher never saw the answers).") in notes
+    assert "- **student_sft_own_tokenizer**: 2 layers × 64 hidden from random weights, 1200 steps of sft " in notes

@@ -20,9 +20,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distillery.config import RunConfig, load_config
+from distillery.answers import extract_final_answer
+from distillery.config import load_config
 from distillery.pipeline import run_pipeline
-from distillery.tasks import extract_answer, is_correct
+from distillery.run_config import RunConfig
+from distillery.tasks import is_correct
 from rule_judge import judge_rule, prefers_correct, serve_rules
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,10 +46,14 @@ def _config(tmp: Path, judge_url: str) -> Path:
     cfg = {
         "run_dir": str(tmp / "run"),
         "task": {"num_operands": 3, "digits": [1, 2], "operations": ["+", "-"]},  # the demo teacher's task
-        "teacher": {"path": str(ROOT / "assets" / "demo_teacher"), "recipe": None},
-        "student": tiny,
-        "generate": {"num_problems": 32, "batch_size": 32, "max_new_tokens": 40},
-        "train": {"steps": 4, "batch_size": 8, "warmup_steps": 1, "max_seq_len": 64},
+        "teacher": {"path": str(ROOT / "assets" / "demo_teacher"), "batch_size": 32},
+        "generate": {"seeds": {"num": 32}, "sampling": {"max_new_tokens": 40},
+                     "labeling": {"chain_of_thought": False, "require_answer": False, "drop_truncated": False},
+                     "filters": {"near_dedup_threshold": None, "drop_refusals": False}},
+        "defaults": {"model": tiny, "train": {"steps": 4, "batch_size": 8, "warmup_steps": 1, "max_seq_len": 64}},
+        "students": {"student_ground_truth": {"data": {"source": "task", "target": "answer", "num_examples": 32},
+                                             "train": {"objective": "sft"}},
+                     "student_distilled": {"train": {"objective": "logit_kd"}}},
         "eval": {"num_problems": 20, "batch_size": 20, "max_new_tokens": 40, "bootstrap_resamples": 200,
                  "speed_prompts": 2,
                  "judge": {"model": {"backend": "openai", "model": "rule-judge", "base_urls": [judge_url]},
@@ -95,7 +101,8 @@ def test_judge_results_in_metrics_and_report(judged_run):
         assert row["length_controlled"]["n"] == JUDGED
     for name in ("teacher", *STUDENTS):
         outs = _items(run_dir, name)
-        scores = [9 if is_correct(i["output"], i["reference"]) else 3 for i in outs if extract_answer(i["output"])]
+        scores = [9 if is_correct(i["output"], i["reference"]) else 3 for i in outs
+                  if extract_final_answer(i["output"]).answer is not None]
         grade = metrics["judge_pointwise"][name]
         assert grade["graded"] == len(scores) and grade["unparsed"] == JUDGED - len(scores)
         assert grade["mean_score"] == (pytest.approx(sum(scores) / len(scores)) if scores else None)

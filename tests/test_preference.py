@@ -12,19 +12,22 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distillery.config import ModelConfig, PreferenceConfig, TaskConfig, TrainConfig
+from distillery.chat import IGNORE, tokenize_messages
+from distillery.config import ModelConfig, TaskConfig, TrainConfig
 from distillery.models import build_model, load_model
 from distillery.records import RecordError
 from distillery.tasks import load_problems
 from distillery.train import train_loop
-from distillery.train.data import IGNORE, tokenize_messages
+from distillery.train.objectives.preference import (
+    PreferenceConfig,
+    pair_losses,
+    prepare_preference_training,
+)
 from distillery.train.preference import (
     AdapterOffReference,
     ModelReference,
     PreferenceCollator,
     PreferenceDataset,
-    pair_losses,
-    prepare_preference_training,
     sequence_logps,
     validate_preference_records,
 )
@@ -49,8 +52,8 @@ def _model(tok, seed: int = 0):
 
 
 def _cfg(**pref) -> TrainConfig:
-    return TrainConfig(objective="preference", steps=30, batch_size=16, lr=3e-3, warmup_steps=0,
-                       max_seq_len=48, log_every=10, preference=PreferenceConfig(**pref))
+    return TrainConfig(objective=PreferenceConfig(**pref), steps=30, batch_size=16, lr=3e-3, warmup_steps=0,
+                       max_seq_len=48, log_every=10)
 
 
 def _ref_from_items(ds: PreferenceDataset) -> torch.Tensor:
@@ -235,8 +238,9 @@ def test_sft_weight_adds_the_chosen_nll(tiny_tokenizer):
                                             show_progress=False)
     batch = collate(ds.items)
     with torch.no_grad():
-        base_loss, _ = plain.loss(batch, student)
-        loss, metrics = rpo.loss(batch, student)
+        base_loss = plain.loss(batch, student).loss
+        out = rpo.loss(batch, student)
+        loss, metrics = out.loss, out.metrics
         logps, tokens = sequence_logps(student, batch["input_ids"], batch["attention_mask"], batch["labels"])
     nll = (-logps[:6] / tokens[:6]).mean().item()
     assert metrics["nll"] == pytest.approx(nll, rel=1e-5)
@@ -249,9 +253,9 @@ def test_sft_weight_adds_the_chosen_nll(tiny_tokenizer):
 def _held_out_metrics(objective, dataset, collate, student) -> dict[str, float]:
     student.eval()
     with torch.no_grad():
-        _, metrics = objective.loss(collate(dataset.items), student)
+        out = objective.loss(collate(dataset.items), student)
     student.train()
-    return metrics
+    return {**out.metrics, "loss": out.loss.item(), "count": out.count}
 
 
 @pytest.mark.parametrize("loss", ["dpo", "ipo", "simpo"])
@@ -311,7 +315,7 @@ def test_feedback_pairs_are_valid_preference_records(tiny_tokenizer):
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"preference": PreferenceConfig(loss="ipo", label_smoothing=0.1)}, "ipo's squared loss has none"),
+    ({"objective": PreferenceConfig(loss="ipo", label_smoothing=0.1)}, "ipo's squared loss has none"),
     ({"packing": True}, "packing is not supported"),
 ])
 def test_config_combinations_that_make_no_sense_are_refused(tiny_tokenizer, change, message):

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
+from distillery.chat import prompt_text
 from distillery.evaluate.report import build_report, scorecard
 from distillery.evaluate.speed import estimated_memory_bytes, kv_cache_bytes, measure_speed
 from distillery.models import load_model, load_tokenizer
-from distillery.train.data import prompt_text
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = str(Path(sys.executable).parent / "distillery")

@@ -17,26 +17,30 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distillery.config import ModelConfig, RewardConfig, TeacherConfig, TrainJobConfig
+from distillery.config import ModelConfig, TeacherConfig, TrainJobConfig
 from distillery.models import build_model
 from distillery.records import ground_truth_records
 from distillery.tasks import load_problems
 from distillery.teachers import SamplingParams
 from distillery.train.loop import train_loop
+from distillery.train.objectives import objective_needs
+from distillery.train.objectives.reward import (
+    RewardConfig,
+    RewardObjective,
+    build_reward_fn,
+    prepare_reward_training,
+)
 from distillery.train.reward import (
     FunctionReward,
     JudgeReward,
     RewardCollator,
     RewardDataset,
-    RewardObjective,
     TeacherLogprobReward,
     VerifierReward,
-    build_reward_fn,
     group_advantages,
     judge_score_to_reward,
     k3,
     policy_gradient_loss,
-    prepare_reward_training,
     token_logprobs,
 )
 from distillery.train.sampling import batch_prompts, continuation_batch, sample_continuations
@@ -61,7 +65,7 @@ def tiny(tokenizer, hidden: int = 16, seed: int = 0, dtype: torch.dtype = torch.
 def job(tmp_path, teacher: dict | None = None, **reward) -> TrainJobConfig:
     return TrainJobConfig(output_dir=str(tmp_path / "out"), data={"task": TASK, "num_examples": 48}, teacher=teacher,
                           model={"hidden_size": 16, "num_layers": 1, "num_heads": 2, "device": "cpu"},
-                          train={"objective": "reward", "max_seq_len": 64, "reward": reward})
+                          train={"objective": {"name": "reward", **reward}, "max_seq_len": 64})
 
 
 def prompts_of(dataset: RewardDataset, n: int) -> tuple[list[list[int]], list[int]]:
@@ -168,7 +172,8 @@ def test_objective_loss_is_the_estimator_on_its_own_samples(tmp_path, tiny_token
     objective = RewardObjective(rc, tiny_tokenizer, ds, FunctionReward(length_reward))
     batch = RewardCollator(tiny_tokenizer.pad_token_id)([ds[i] for i in range(4)])
     torch.manual_seed(7)
-    loss, metrics = objective.loss(batch, model, None)
+    out = objective.loss(batch, model, None)
+    loss, metrics = out.loss, out.metrics
 
     torch.manual_seed(7)
     prompts = batch_prompts(batch)
@@ -181,7 +186,7 @@ def test_objective_loss_is_the_estimator_on_its_own_samples(tmp_path, tiny_token
     assert loss.item() == pytest.approx(want.item(), rel=1e-10)
     assert metrics["reward/mean"] == pytest.approx(np.mean(rewards))
     assert metrics["reward/std"] == pytest.approx(np.std(rewards))
-    assert metrics["count"] == sum(map(len, conts))
+    assert out.count == sum(map(len, conts))
     assert metrics["gen_tokens"] == pytest.approx(np.mean([len(c) for c in conts]))
     flat = [len(set(rewards[k:k + 3])) == 1 for k in range(0, 12, 3)]
     assert metrics["reward/zero_std_groups"] == pytest.approx(np.mean(flat))
@@ -192,7 +197,8 @@ def test_groups_with_equal_rewards_give_zero_gradient(tiny_tokenizer, records):
     model = tiny(tiny_tokenizer)
     ds = RewardDataset(records[:3], tiny_tokenizer, 64)
     objective = RewardObjective(rc, tiny_tokenizer, ds, FunctionReward(lambda p, c, r: 0.5))
-    loss, metrics = objective.loss(RewardCollator(0)([ds[i] for i in range(3)]), model, None)
+    out = objective.loss(RewardCollator(0)([ds[i] for i in range(3)]), model, None)
+    loss, metrics = out.loss, out.metrics
     loss.backward()
     assert metrics["reward/zero_std_groups"] == 1.0 and metrics["reward/std"] == 0.0
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
@@ -229,7 +235,7 @@ def test_training_raises_a_function_reward(tmp_path, reward_module, tiny_tokeniz
         "steps": 30, "batch_size": 8, "lr": 1e-2, "warmup_steps": 0, "log_every": 10})})
     student = tiny(tiny_tokenizer, hidden=32)
     dataset, collator, objective = prepare_reward_training(cfg, records, tiny_tokenizer, student, None)
-    assert not objective.needs_teacher
+    assert objective_needs(cfg.train.objective).live_teacher == "no"
     fresh = RewardDataset(ground_truth_records(load_problems(task_cfg, "eval", 16, seed=1), "chain"),
                           tiny_tokenizer, 64)
     prompts, _ = prompts_of(fresh, 16)
@@ -307,7 +313,8 @@ def test_judge_over_a_real_distillery_serve(tiny_model_dir, tiny_tokenizer, reco
         reward.params = SamplingParams(max_new_tokens=24)  # keep the test short
         ds = RewardDataset(records[:3], tiny_tokenizer, 64)
         objective = RewardObjective(rc, tiny_tokenizer, ds, reward)
-        loss, metrics = objective.loss(RewardCollator(0)([ds[i] for i in range(3)]), tiny(tiny_tokenizer), None)
+        out = objective.loss(RewardCollator(0)([ds[i] for i in range(3)]), tiny(tiny_tokenizer), None)
+        loss, metrics = out.loss, out.metrics
         served = server.stats.requests
         direct = reward.score(["12+7"], ["12+7=19;#19"], [{"reference": "19"}])
     replies = reward.last_replies
@@ -329,14 +336,15 @@ def test_judge_over_a_real_distillery_serve(tiny_model_dir, tiny_tokenizer, reco
 def test_teacher_logprob_reward_equals_the_teachers_logprobs(tmp_path, tiny_tokenizer, records):
     teacher = tiny(tiny_tokenizer, seed=3, dtype=torch.float64).eval()
     student = tiny(tiny_tokenizer, dtype=torch.float64)
-    with pytest.raises(ValueError, match="no teacher is configured"):
+    with pytest.raises(ValueError, match="needs a teacher and none is configured"):
         job(tmp_path, source="teacher_logprob")
     cfg = job(tmp_path, teacher={"hidden_size": 16, "num_layers": 1, "num_heads": 2},
               source="teacher_logprob", group_size=2, max_new_tokens=5)
     with pytest.raises(ValueError, match="no teacher model was given"):
         prepare_reward_training(cfg, records, tiny_tokenizer, student, None)
     _, _, objective = prepare_reward_training(cfg, records[:4], tiny_tokenizer, student, teacher)
-    assert objective.needs_teacher and isinstance(objective.reward, TeacherLogprobReward)
+    assert objective_needs(cfg.train.objective).live_teacher == "required"
+    assert isinstance(objective.reward, TeacherLogprobReward)
     batch = RewardCollator(0)([objective.dataset[i] for i in range(4)])
     cbatch, _ = objective.rollout(batch, student)
     got = objective.rewards(cbatch, [], teacher)
@@ -348,7 +356,8 @@ def test_teacher_logprob_reward_equals_the_teachers_logprobs(tmp_path, tiny_toke
             logp = teacher(ids).logits[0].double().log_softmax(-1)
         want = np.mean([logp[len(prompt) - 1 + t, tok].item() for t, tok in enumerate(cont)])
         assert got[row] == pytest.approx(want, rel=1e-10)
-    loss, metrics = objective.loss(batch, student, teacher)
+    out = objective.loss(batch, student, teacher)
+    loss, metrics = out.loss, out.metrics
     assert metrics["reward/mean"] < 0 and np.isfinite(loss.item())
 
 
@@ -362,12 +371,12 @@ def test_kl_is_zero_against_the_starting_student_then_grows(tmp_path, reward_mod
     assert isinstance(objective.reference, torch.nn.Module)
     assert not any(p.requires_grad for p in objective.reference.parameters())
     batch = collator([dataset[i] for i in range(4)])
-    _, metrics = objective.loss(batch, student, None)
+    metrics = objective.loss(batch, student, None).metrics
     assert metrics["kl"] == 0.0
     with torch.no_grad():
         for p in student.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    _, metrics = objective.loss(batch, student, None)
+    metrics = objective.loss(batch, student, None).metrics
     assert metrics["kl"] > 0
 
 
@@ -388,7 +397,7 @@ def test_kl_reference_of_a_lora_student_is_its_base_with_adapters_off(tmp_path, 
     dataset, collator, objective = prepare_reward_training(cfg, records, tiny_tokenizer, student)
     assert objective.reference == "adapters_off"
     batch = collator([dataset[i] for i in range(4)])
-    _, metrics = objective.loss(batch, student, None)
+    metrics = objective.loss(batch, student, None).metrics
     assert metrics["kl"] == 0.0  # LoRA's B starts at zero: the student is its base
     with torch.no_grad():
         for name, p in student.named_parameters():

@@ -1,5 +1,5 @@
-"""Tasks: the arithmetic generator (determinism, disjoint splits, correct chains, knobs), answer
-extraction/normalization, and user JSONL task files."""
+"""Tasks: the arithmetic generator (determinism, disjoint splits, correct chains, knobs), how
+task outputs are graded (distillery.answers, numeric by default), and user JSONL task files."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from distillery.answers import extract_final_answer, grade
 from distillery.config import TaskConfig
-from distillery.tasks import Problem, extract_answer, is_correct, load_problems, normalize_answer
+from distillery.tasks import Problem, is_correct, load_problems
 from distillery.tasks.arithmetic import generate_problems, iter_problems, split_of
 from distillery.tasks.jsonl import TaskFileError, read_task_file, split_task_file
 
@@ -141,7 +142,7 @@ def test_any_generated_problem_is_right_and_respects_the_knobs(seed, split, n_lo
         assert all(x == "0" or not x.startswith("0") for x in nums)
         assert set(_ops(p.prompt)) <= set(ops)
         assert split_of(p.prompt, cfg.eval_fraction) == split
-        assert extract_answer(p.chain) == normalize_answer(p.reference)
+        assert extract_final_answer(p.chain).answer == p.reference
         assert is_correct(p.target("chain"), p.reference)
         assert is_correct(p.target("answer"), p.reference)
 
@@ -219,47 +220,33 @@ def test_problem_target():
         ("the ANSWER IS: $42", "42"),
         ("So the answer is -1,000.50", "-1000.5"),
         ("#7<|end|>", "7"),
+        ("#1,234", "1234"),
     ],
 )
-def test_extract_answer_well_formed(output, expected):
-    assert extract_answer(output) == expected
+def test_task_outputs_read_by_the_numeric_grader(output, expected):
+    assert grade(output, expected).correct
+    assert not grade(output, str(int(float(expected)) + 1)).correct
+
+
+@pytest.mark.parametrize("output", ["", None, "garbage", "12+3=15;15-", "#", "# abc", "12+3=15", "###"])
+def test_malformed_task_outputs_have_no_answer(output):
+    assert grade(output, "15").status == "no_answer"
 
 
 @pytest.mark.parametrize(
-    "output",
-    ["", None, 132, "garbage", "12+3=15;15-", "#", "# abc", "12+3=15", "answer: 12", "###"],
+    ("text", "reference"),
+    [("1,234", "1234"), ("007", "7"), ("-0012", "-12"), ("12.0", "12"), ("12.50", "12.5"),
+     ("-0", "0"), (" 42 ", "42"), ("42.", "42"), ("  Hello   World ", "hello world")],
 )
-def test_extract_answer_malformed_is_none(output):
-    assert extract_answer(output) is None
-
-
-def test_extract_answer_hash_with_thousands_separator():
-    assert extract_answer("#1,234") == "1234"
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("1,234", "1234"),
-        ("007", "7"),
-        ("-0012", "-12"),
-        ("12.0", "12"),
-        ("12.50", "12.5"),
-        ("-12", "-12"),
-        ("-0", "0"),
-        (" 42 ", "42"),
-        ("42.", "42"),
-        ("  Hello   World ", "hello world"),
-    ],
-)
-def test_normalize_answer(text, expected):
-    assert normalize_answer(text) == expected
+def test_numeric_grader_normalizes_formatting(text, reference):
+    assert grade(f"The answer is {text}", reference).correct
 
 
 @given(st.integers(-(2**53), 2**53))
-def test_normalize_answer_of_formatted_integers(n):
-    assert normalize_answer(f"{n:,}") == str(n)
-    assert normalize_answer(f"{n}.0") == str(n)
+def test_numeric_grader_on_formatted_integers(n):
+    assert grade(f"#{n:,}", str(n)).correct
+    assert grade(f"#{n}.0", str(n)).correct
+    assert not grade(f"#{n}", str(n + 1)).correct
 
 
 def test_big_integer_answers_are_compared_exactly():
@@ -267,12 +254,12 @@ def test_big_integer_answers_are_compared_exactly():
     for p in ps:
         wrong = str(int(p.reference) + 1)
         assert not is_correct(f"#{wrong}", p.reference), f"{wrong} accepted for {p.prompt}={p.reference}"
-    assert normalize_answer(ps[0].reference) == ps[0].reference
+        assert is_correct(f"#{p.reference}", p.reference)
 
 
-@pytest.mark.parametrize("text", ["Nan", "Infinity", "inf", "1e400"])
-def test_normalize_answer_never_raises_on_strings(text):
-    assert isinstance(normalize_answer(text), str)
+@pytest.mark.parametrize("text", ["Nan", "Infinity", "inf", "1e400", "1e999999999"])
+def test_numeric_grader_never_raises_on_odd_numbers(text):
+    assert grade(f"The answer is {text}", "1").status == "wrong"
 
 
 @pytest.mark.parametrize(
@@ -287,12 +274,19 @@ def test_normalize_answer_never_raises_on_strings(text):
         ("#7", "-7", False),
         ("#133", "132", False),
         ("12+3=15;15-", "15", False),  # a cut-off chain is not an answer
-        ("15", "15", False),  # a bare number is not an answer either
+        ("15", "15", True),  # a last line that is only the answer is one
+        ("12+3=15", "15", False),  # ... but a step of a chain is not
         ("", "0", False),
     ],
 )
 def test_is_correct(output, reference, ok):
     assert is_correct(output, reference) is ok
+
+
+def test_is_correct_with_the_task_grader():
+    assert not is_correct("The answer is 78-73", "5")  # numeric: an expression is not a number
+    assert is_correct("The answer is 78-73", "5", "symbolic")
+    assert is_correct("The answer is 78-73", "5", TaskConfig(grader="symbolic").grader)
 
 
 # --------------------------------------------------------------------------- JSONL task files

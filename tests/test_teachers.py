@@ -92,3 +92,50 @@ def test_topk_logprobs_match_a_float64_forward_pass(tiny_model_dir):
             torch.testing.assert_close(total, torch.zeros(len(seq), dtype=torch.float64), atol=1e-5, rtol=0)
     finally:
         model.float()
+
+
+def test_a_prompt_longer_than_the_context_is_rejected_alone(tmp_path, tiny_model_dir):
+    """One prompt past the model's context (256 positions) in a batch of three: it is a
+    ``too_long`` reject, measured before batching, and the two others are generated in one batch."""
+    from distillery.teachers import GenerationRequest
+    from distillery.teachers.phases import Outcome, run_phase
+
+    teacher = HFTeacher.from_pretrained(tiny_model_dir, device="cpu", batch_size=3)
+    assert teacher.context_length() == 256
+    params = SamplingParams(max_new_tokens=4)
+    long_prompt = "12+34 " * 200
+    assert teacher.prompt_length([{"role": "user", "content": long_prompt}]) > 256
+    reqs = [GenerationRequest(f"r{i}", [{"role": "user", "content": p}], params)
+            for i, p in enumerate(["1+2", long_prompt, "3+4"])]
+    handle = lambda result: Outcome(records=[{"id": result.request.id, "text": result.generations[0].text}])  # noqa: E731
+    path, summary = run_phase("labeled", reqs, teacher, handle, tmp_path, show_progress=False)
+    assert sorted(r["id"] for r in json.loads(f"[{','.join(path.read_text().splitlines())}]")) == ["r0", "r2"]
+    (reject,) = [json.loads(line) for line in (tmp_path / "labeled.rejects.jsonl").read_text().splitlines()]
+    assert reject["meta"]["request_id"] == "r1" and reject["reason"].startswith("too_long: the prompt is ")
+    assert "retryable" not in reject  # a re-run would fail the same way
+    assert summary.reject_reasons == {"too_long": 1} and summary.failed == 1
+    assert [b[0] for b in teacher.stats.batches] == [2]  # r0 and r2 together
+
+
+def test_a_batch_that_raises_is_run_again_one_request_at_a_time(tiny_tokenizer):
+    """GPT-2 has absolute positions: a prompt that fits but whose answer would run past them
+    raises inside ``generate`` (IndexError). Only that request fails; its batch mates answer."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from distillery.teachers import GenerationRequest
+
+    torch.manual_seed(0)
+    eos = tiny_tokenizer.eos_token_id
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tiny_tokenizer), n_positions=24, n_embd=16,
+                                       n_layer=1, n_head=2, bos_token_id=eos, eos_token_id=eos))
+    teacher = HFTeacher(model, tiny_tokenizer, batch_size=3)
+    params = SamplingParams(max_new_tokens=12)
+    near_full = "1+2+3+4+5+6+7+8+9+"  # fits in 24 positions, not with 12 new tokens
+    n = teacher.prompt_length([{"role": "user", "content": near_full}])
+    assert n < 24 < n + 12
+    reqs = [GenerationRequest(f"r{i}", [{"role": "user", "content": p}], params)
+            for i, p in enumerate(["1+2", near_full, "3+4"])]
+    results = {r.request.id: r for r in teacher.stream(reqs)}
+    assert results["r0"].ok and results["r2"].ok
+    assert not results["r1"].ok and results["r1"].error_kind == "teacher_error"

@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from distillery.config import ModelConfig, TrainConfig
+from distillery.chat import IGNORE, tokenize_messages
+from distillery.config import ModelConfig, TrainConfig, TrainJobConfig
 from distillery.losses import LossSpec
 from distillery.models import build_model
 from distillery.records import sft_record
@@ -16,11 +17,9 @@ from distillery.train import (
     LogitKDObjective,
     SFTDataset,
     SFTObjective,
-    build_objective,
-    tokenize_messages,
     train_loop,
 )
-from distillery.train.data import IGNORE
+from distillery.train.objectives import BuildContext, build_training_parts
 
 
 def _records(n: int = 64) -> list[dict]:
@@ -72,16 +71,23 @@ def test_collator_pads_right_and_masks(tiny_tokenizer):
 def _batch_loss(objective, batch, model, teacher=None) -> float:
     model.eval()
     with torch.no_grad():
-        return objective.loss(batch, model, teacher)[0].item()
+        return objective.loss(batch, model, teacher).loss.item()
+
+
+def _objective(cfg: TrainConfig, tokenizer, student, teacher):
+    """The objective ``cfg.objective`` names, built by its registry entry as ``distillery train`` does."""
+    job = TrainJobConfig(output_dir="unused", data={"path": "unused.jsonl"}, train=cfg,
+                         teacher=ModelConfig() if teacher is not None else None)
+    return build_training_parts(BuildContext(job, _records(4), tokenizer, student, teacher))[2]
 
 
 OBJECTIVES = {
     "sft": TrainConfig(objective="sft"),
-    "logit_kd": TrainConfig(objective="logit_kd", kd_ratio=0.5),
-    "logit_kd_jsd_fused": TrainConfig(objective="logit_kd", loss=LossSpec(divergence="jsd", beta=0.5, kd_ratio=0.5, form="fused", chunk_tokens=64)),
-    "logit_kd_reverse_kl_t2": TrainConfig(objective="logit_kd", loss=LossSpec(divergence="reverse_kl", temperature=2.0, scale_by_t2=True, ce_weight=0.5)),
-    "logit_kd_akl_fused": TrainConfig(objective="logit_kd", loss=LossSpec(divergence="akl", kd_ratio=0.7, form="fused", chunk_tokens=32)),
-    "feature_kd": TrainConfig(objective="feature_kd", feature={"layer_map": {0: 0, -1: -1}, "relation_weight": 0.5}),
+    "logit_kd": TrainConfig(objective={"name": "logit_kd", "kd_ratio": 0.5}),
+    "logit_kd_jsd_fused": TrainConfig(objective={"name": "logit_kd", "loss": LossSpec(divergence="jsd", beta=0.5, kd_ratio=0.5, form="fused", chunk_tokens=64)}),
+    "logit_kd_reverse_kl_t2": TrainConfig(objective={"name": "logit_kd", "loss": LossSpec(divergence="reverse_kl", temperature=2.0, scale_by_t2=True, ce_weight=0.5)}),
+    "logit_kd_akl_fused": TrainConfig(objective={"name": "logit_kd", "loss": LossSpec(divergence="akl", kd_ratio=0.7, form="fused", chunk_tokens=32)}),
+    "feature_kd": TrainConfig(objective={"name": "feature_kd", "layer_map": {0: 0, -1: -1}, "relation_weight": 0.5}),
 }
 
 
@@ -93,7 +99,7 @@ def test_training_reduces_the_loss(tiny_tokenizer, name):
     student = _model(tiny_tokenizer, seed=0)
     teacher = _model(tiny_tokenizer, seed=1, hidden=48) if name != "sft" else None
     cfg = OBJECTIVES[name].model_copy(update={"steps": 15, "batch_size": 16, "lr": 1e-2, "warmup_steps": 0, "log_every": 5})
-    objective = build_objective(cfg, student=student, teacher=teacher)
+    objective = _objective(cfg, tiny_tokenizer, student, teacher)
     before = _batch_loss(objective, batch, student, teacher)
     result = train_loop(student, objective, ds, collate, cfg, teacher=teacher, show_progress=False)
     after = _batch_loss(objective, batch, student, teacher)
@@ -102,7 +108,7 @@ def test_training_reduces_the_loss(tiny_tokenizer, name):
     if name == "feature_kd":
         # the projections are the objective's, not the student's, and they trained too
         proj = objective.trainable[0]
-        fresh = build_objective(cfg, student=student, teacher=teacher).trainable[0]
+        fresh = _objective(cfg, tiny_tokenizer, student, teacher).trainable[0]
         assert not all(torch.equal(a, b) for a, b in zip(proj.parameters(), fresh.parameters()))
 
 
@@ -114,7 +120,7 @@ def test_fused_logit_kd_equals_dense_on_a_real_model(tiny_tokenizer):
     for form in ("dense", "fused"):
         student.zero_grad()
         spec = LossSpec(divergence="jsd", beta=0.3, temperature=1.5, kd_ratio=0.6, form=form, chunk_tokens=16)
-        loss, _ = LogitKDObjective(spec).loss(batch, student, teacher)
+        loss = LogitKDObjective(spec).loss(batch, student, teacher).loss
         loss.backward()
         losses.append(loss.item())
         grads.append({n: p.grad.clone() for n, p in student.named_parameters()})
@@ -125,9 +131,9 @@ def test_fused_logit_kd_equals_dense_on_a_real_model(tiny_tokenizer):
 
 def test_feature_kd_refuses_layers_the_models_do_not_have(tiny_tokenizer):
     student, teacher = _model(tiny_tokenizer, 0), _model(tiny_tokenizer, 1)  # 1 layer: states 0..1
-    cfg = TrainConfig(objective="feature_kd", feature={"layer_map": {1: 2}})
+    cfg = TrainConfig(objective={"name": "feature_kd", "layer_map": {1: 2}})
     with pytest.raises(ValueError, match="teacher layer 2"):
-        build_objective(cfg, student=student, teacher=teacher)
+        _objective(cfg, tiny_tokenizer, student, teacher)
 
 
 def test_live_teacher_refuses_the_sparse_form():
@@ -159,7 +165,7 @@ def test_logit_kd_mixes_ce_and_kl_as_stated(tiny_tokenizer):
     assert _batch_loss(LogitKDObjective(kd_ratio=0.0), batch, student, teacher) == pytest.approx(ce, rel=1e-6)
     # the teacher equal to the student: KL is 0, so kd_ratio=1 gives 0
     assert _batch_loss(LogitKDObjective(kd_ratio=1.0), batch, student, copy.deepcopy(student)) == pytest.approx(0, abs=1e-6)
-    _, metrics = LogitKDObjective(kd_ratio=0.3).loss(batch, student.eval(), teacher)
+    metrics = LogitKDObjective(kd_ratio=0.3).loss(batch, student.eval(), teacher).metrics
     mixed = _batch_loss(LogitKDObjective(kd_ratio=0.3), batch, student, teacher)
     assert mixed == pytest.approx(0.7 * metrics["ce"] + 0.3 * metrics["kd/forward_kl"], rel=1e-5)
     assert metrics["kd/forward_kl"] > 0

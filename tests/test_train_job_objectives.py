@@ -46,8 +46,8 @@ def test_on_policy_gkd_and_minillm(tmp_path, teacher_dir):
     for variant in ("gkd", "minillm"):
         cfg = _job(tmp_path, variant, tokenizer={"path": str(teacher_dir)},
                    teacher={"path": str(teacher_dir), "device": "cpu"},
-                   train={"objective": "on_policy", "steps": 12,
-                          "on_policy": {"variant": variant, "max_new_tokens": 12}})
+                   train={"objective": {"name": "on_policy", "variant": variant, "max_new_tokens": 12},
+                          "steps": 12})
         result = run_train_job(cfg, show_progress=False)
         log = _log(tmp_path / variant)
         div = "kd/jsd" if variant == "gkd" else "kd/reverse_kl"
@@ -80,8 +80,9 @@ def test_preference_dpo_from_records(tmp_path, teacher_dir):
 def test_reward_verifier(tmp_path, teacher_dir):
     cfg = _job(tmp_path, "grpo", model={"path": str(teacher_dir), "device": "cpu"},
                data={"task": {**TASK, "num_operands": 3}, "num_examples": 64, "target": "chain"},
-               train={"objective": "reward", "steps": 3, "batch_size": 4, "lr": 1e-5,
-                      "reward": {"source": "verifier", "group_size": 4, "max_new_tokens": 24}})
+               train={"objective": {"name": "reward", "source": "verifier", "group_size": 4,
+                                    "max_new_tokens": 24},
+                      "steps": 3, "batch_size": 4, "lr": 1e-5})
     run_train_job(cfg, show_progress=False)
     log = _log(tmp_path / "grpo")
     assert 0.0 <= log[-1]["reward/mean"] <= 1.0
@@ -95,7 +96,7 @@ def test_lora_packing_checkpointing_and_teacher_finetune(tmp_path, teacher_dir):
                teacher={"path": str(teacher_dir), "device": "cpu"},
                teacher_finetune={"objective": "sft", "steps": 4, "batch_size": 8, "warmup_steps": 1,
                                  "max_seq_len": 48, "lora": {"r": 4}},
-               train={"objective": "logit_kd", "kd_ratio": 0.5, "lr": 1e-3, "packing": True,
+               train={"objective": {"name": "logit_kd", "kd_ratio": 0.5}, "lr": 1e-3, "packing": True,
                       "gradient_checkpointing": True, "lora": {"r": 8, "alpha": 16, "merge": True}})
     run_train_job(cfg, show_progress=False)
     assert (tmp_path / "kd.teacher_ft" / "model.safetensors").exists()

@@ -5,22 +5,38 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from distillery.config import (
     CaptureConfig,
     ConfigError,
     EvalJobConfig,
-    RunConfig,
     TrainJobConfig,
     dump_config,
     load_config,
 )
+from distillery.errors import DistilleryError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+class _Commands(TyperGroup):
+    """The command group. A DistilleryError from any command (sub-commands included) is one
+    the user can fix: its message alone is printed and the exit status is 2. Every other
+    exception is a bug and keeps its traceback, so commands catch nothing themselves."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except DistilleryError as exc:
+            _fail(exc)
+
+
+app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True, help=__doc__)
 config_app = typer.Typer(no_args_is_help=True, help="Inspect configs.")
 app.add_typer(config_app, name="config")
 console = Console(stderr=True)
@@ -47,20 +63,17 @@ def _split_args(args: list[str] | None) -> tuple[str | None, list[str]]:
     return config, args
 
 
-def _fail(exc: Exception) -> None:
+def _fail(exc: DistilleryError) -> NoReturn:
     console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
     raise typer.Exit(code=2)
 
 
 def _load_required(args: list[str], schema: type, missing: str):  # noqa: ANN202
-    """The config a command cannot run without: file + overrides, or a clear exit 2."""
-    try:
-        config_path, overrides = _split_args(args)
-        if config_path is None:
-            raise ConfigError(missing)
-        return load_config(config_path, schema, overrides)
-    except ConfigError as exc:
-        _fail(exc)
+    """The config a command cannot run without: file + overrides, or a ConfigError."""
+    config_path, overrides = _split_args(args)
+    if config_path is None:
+        raise ConfigError(missing)
+    return load_config(config_path, schema, overrides)
 
 
 @app.command()
@@ -68,15 +81,12 @@ def run(args: list[str] = typer.Argument(None, help="[CONFIG] [key.sub=value ...
     """Run the whole pipeline (default: configs/demo.yaml, the built-in demo)."""
     _quiet_libraries()
     from distillery.pipeline import run_pipeline
+    from distillery.run_config import RunConfig
 
-    try:
-        config_path, overrides = _split_args(args)
-        if config_path is None and Path(DEFAULT_CONFIG).is_file():
-            config_path = DEFAULT_CONFIG
-        cfg = load_config(config_path, RunConfig, overrides)
-    except ConfigError as exc:
-        _fail(exc)
-    run_pipeline(cfg)
+    config_path, overrides = _split_args(args)
+    if config_path is None and Path(DEFAULT_CONFIG).is_file():
+        config_path = DEFAULT_CONFIG
+    run_pipeline(load_config(config_path, RunConfig, overrides))
 
 
 @app.command()
@@ -91,11 +101,8 @@ def report(
 
     saved = run_dir / "config.yaml"  # the run's own settings, so the rebuilt intervals match its report
     evaluation = (yaml.safe_load(saved.read_text()) or {}).get("eval", {}) if saved.is_file() else {}
-    try:
-        build_report(run_dir, resamples=resamples or evaluation.get("bootstrap_resamples", 10000),
-                     seed=evaluation.get("seed", 0), thresholds=evaluation.get("pitfalls"))
-    except (FileNotFoundError, ValueError, KeyError) as exc:
-        _fail(exc)
+    build_report(run_dir, resamples=resamples or evaluation.get("bootstrap_resamples", 10000),
+                 seed=evaluation.get("seed", 0), thresholds=evaluation.get("pitfalls"))
     console.print(f"wrote {run_dir / 'report.md'} and {run_dir / 'report.html'}")
 
 
@@ -110,11 +117,31 @@ def eval_(args: list[str] = typer.Argument(..., help="CONFIG [key.sub=value ...]
     _quiet_libraries()
     from distillery.evaluate.job import run_eval_job
 
-    cfg = _load_required(args, EvalJobConfig, "distillery eval needs a config file (see docs/evaluation.md)")
-    try:
-        run_eval_job(cfg)
-    except (FileNotFoundError, ImportError, ValueError) as exc:  # a missing model dir, task file or extra
-        _fail(exc)
+    run_eval_job(_load_required(args, EvalJobConfig, "distillery eval needs a config file (see docs/evaluation.md)"))
+
+
+@app.command()
+def grade(
+    outputs: Path = typer.Argument(..., help='JSONL of {"id" or "prompt", "output"} lines'),
+    task: Path = typer.Option(..., "--task", help="YAML file with a task: section (as run's)"),
+    as_json: bool = typer.Option(False, "--json", help="end with one JSON line of the figures"),
+) -> None:
+    """Grade existing outputs against a task's references with the task's grader.
+
+    Prints accuracy with its 95% bootstrap CI and the no-answer count, and writes per-item
+    results to <outputs>.graded.jsonl beside OUTPUTS (see docs/evaluation.md).
+    """
+    import json
+
+    from distillery.evaluate.grade import grade_outputs
+
+    res = grade_outputs(outputs, task)
+    lo, hi = res["ci95"]
+    typer.echo(f"accuracy {res['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] over {res['n']} outputs "
+               f"(grader {res['grader']}); no answer: {res['no_answer']}")
+    typer.echo(f"per-item results: {res['graded']}")
+    if as_json:
+        typer.echo(json.dumps({k: res[k] for k in ("accuracy", "ci95", "n", "no_answer")}))
 
 
 @app.command()
@@ -129,16 +156,9 @@ def train(
     Multi-process: `accelerate launch [--num_processes N] -m distillery.cli train CONFIG`.
     """
     _quiet_libraries()
-    from distillery.logits.cache import CacheMismatchError
-    from distillery.models.vocab import VocabMismatchError
-    from distillery.train.checkpoint import CheckpointError
     from distillery.train.job import run_train_job
 
-    cfg = _load_required(args, TrainJobConfig, "distillery train needs a config file")
-    try:
-        run_train_job(cfg, resume=resume)
-    except (CheckpointError, FileExistsError, VocabMismatchError, CacheMismatchError) as exc:
-        _fail(exc)
+    run_train_job(_load_required(args, TrainJobConfig, "distillery train needs a config file"), resume=resume)
 
 
 @app.command()
@@ -149,19 +169,12 @@ def generate(args: list[str] = typer.Argument(..., help="CONFIG [key.sub=value .
     stopped; records already written are never lost or duplicated.
     """
     _quiet_libraries()
-    from pydantic import ValidationError
-
     from distillery.elicit.config import GenerateJobConfig
     from distillery.elicit.run import print_summary, run_generate
-    from distillery.elicit.seeds import SeedError
-    from distillery.elicit.templates import TemplateError
 
     cfg = _load_required(args, GenerateJobConfig,
                          "distillery generate needs a config file (see docs/elicitation.md)")
-    try:
-        summary = run_generate(cfg)
-    except (ConfigError, SeedError, TemplateError, ValidationError) as exc:
-        _fail(exc)
+    summary = run_generate(cfg)
     print_summary(summary)
     console.print(f"wrote {cfg.output_dir}/records.jsonl, rejects.jsonl, summary.json")
 
@@ -173,13 +186,9 @@ def capture(args: list[str] = typer.Argument(..., help="CONFIG [key.sub=value ..
     Train from it with `teacher_cache: DIR` in a train config (objective logit_kd).
     """
     _quiet_libraries()
-    from distillery.logits.capture import run_capture
+    from distillery.capture import run_capture
 
-    cfg = _load_required(args, CaptureConfig, "distillery capture needs a config file (see docs/logit_cache.md)")
-    try:
-        run_capture(cfg)
-    except ValueError as exc:  # cache/tokenizer mismatches and bad data name what to fix
-        _fail(exc)
+    run_capture(_load_required(args, CaptureConfig, "distillery capture needs a config file (see docs/logit_cache.md)"))
 
 
 @app.command()
@@ -195,6 +204,13 @@ def serve(
     ),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
     trust_remote_code: bool = typer.Option(False, help="Allow the model directory's own Python code."),
+    allow_unauthenticated: bool = typer.Option(
+        False, help="Serve a non-loopback --host without --api-key-env (anyone who reaches it may use it)."
+    ),
+    max_rows_per_request: int = typer.Option(128, min=1, help="Most sequences (prompts x n) per request."),
+    max_tokens_per_request: int = typer.Option(
+        131072, min=1, help="Most tokens per request: each sequence's prompt plus max_tokens, summed."
+    ),
 ) -> None:
     """Serve a local model under the OpenAI API (/v1/models, /v1/chat/completions, /v1/completions)."""
     _quiet_libraries()
@@ -203,7 +219,8 @@ def serve(
     serve_command(
         model_dir, host=host, port=port, model_name=model_name, max_batch_size=max_batch_size,
         batch_wait_ms=batch_wait_ms, api_key_env=api_key_env, device=device,
-        trust_remote_code=trust_remote_code,
+        trust_remote_code=trust_remote_code, allow_unauthenticated=allow_unauthenticated,
+        max_rows_per_request=max_rows_per_request, max_tokens_per_request=max_tokens_per_request,
     )
 
 
@@ -214,19 +231,17 @@ def config_show(
 ) -> None:
     """Print the resolved config (file + overrides + defaults) as YAML."""
     from distillery.elicit.config import GenerateJobConfig
+    from distillery.run_config import RunConfig
 
-    try:
-        config_path, overrides = _split_args(args)
-        kind = _guess_kind(config_path) if kind == "auto" else kind
-        schema = {"train": TrainJobConfig, "generate": GenerateJobConfig, "eval": EvalJobConfig}.get(kind, RunConfig)
-        cfg = load_config(config_path, schema, overrides)
-    except ConfigError as exc:
-        _fail(exc)
+    config_path, overrides = _split_args(args)
+    kind = _guess_kind(config_path) if kind == "auto" else kind
+    schema = {"train": TrainJobConfig, "generate": GenerateJobConfig, "eval": EvalJobConfig}.get(kind, RunConfig)
+    cfg = load_config(config_path, schema, overrides)
     sys.stdout.write(dump_config(cfg))
 
 
 def _guess_kind(path: str | None) -> str:
-    """generate: has ``method``/``seeds``; eval job: has ``models``; train job: has ``output_dir``;
+    """run: has ``students``; generate: has ``method``/``seeds``; eval job: has ``models``; train job: has ``output_dir``;
     else a pipeline run.
 
     Anything unreadable goes on to load_config, which reports it properly.
@@ -238,6 +253,8 @@ def _guess_kind(path: str | None) -> str:
     except (OSError, yaml.YAMLError):
         return "run"
     if not isinstance(data, dict):
+        return "run"
+    if "students" in data:
         return "run"
     if {"method", "seeds"} & data.keys():
         return "generate"

@@ -1,6 +1,6 @@
 """Configuration: one pydantic model per stage, loaded from YAML with dotted CLI overrides.
 
-``load_config("configs/demo.yaml", RunConfig, ["train.lr=3e-4"])`` reads the file, applies the
+``load_config("configs/demo.yaml", RunConfig, ["defaults.train.lr=3e-4"])`` reads the file, applies the
 overrides, and validates. Every error names the file, the line (when the key came from the
 file), the dotted key, and what to do: an unknown key suggests the closest valid one, a wrong
 type names the expected type.
@@ -16,9 +16,19 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from distillery.losses.spec import LossSpec
+from distillery.answers import GraderConfig, NumericOptions
+from distillery.errors import DistilleryError
+from distillery.objective_registry import objective_config, objective_needs
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -46,19 +56,31 @@ class TaskConfig(StrictModel):
     # jsonl task: records {"prompt", "reference"}; without eval_path the split is by hash
     path: str | None = None
     eval_path: str | None = None
+    # what a model is sent for each problem (generation, training records, capture and eval
+    # alike, through distillery.chat.task_messages): the user turn is this Jinja2 template
+    # (inline text or "@path/to/file.j2"; variables: prompt, id and a JSONL line's other keys,
+    # rendered sandboxed) and system_prompt, when set, a system turn before it. None = the
+    # bare prompt and no system turn.
+    prompt_template: str | None = None
+    system_prompt: str | None = None
+    # how an output is graded against the reference (distillery.answers): a name ("numeric",
+    # "exact", "symbolic", "f1", "multiple_choice") or {name: regex, pattern: ...},
+    # {name: judge, model: {...}}; numeric suits numeric references
+    grader: GraderConfig = Field(default_factory=NumericOptions)
 
     @model_validator(mode="after")
     def _check(self) -> TaskConfig:
         if self.name == "jsonl" and not self.path:
             raise ValueError("task.name is 'jsonl' but task.path is not set: give the JSONL file")
         for key, least in (("num_operands", 2), ("digits", 1)):
-            lo, hi = _as_range(getattr(self, key))
+            lo, hi = as_range(getattr(self, key))
             if lo < least or hi < lo:
                 raise ValueError(f"task.{key} must be >= {least}, as an int or [min, max] with min <= max")
         return self
 
 
-def _as_range(value: int | tuple[int, int]) -> tuple[int, int]:
+def as_range(value: int | tuple[int, int]) -> tuple[int, int]:
+    """A task size given as ``n`` or ``[min, max]``, as the pair ``(min, max)``."""
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
@@ -154,100 +176,6 @@ class TeacherConfig(StrictModel):
         return self
 
 
-class FeatureKDConfig(StrictModel):
-    """``feature_kd``: hidden states matched through learned projections, plus CE on labels."""
-
-    # student hidden-state index → teacher index (HF ``hidden_states``: 0 = embeddings, -1 = last)
-    layer_map: dict[int, int] = Field(default_factory=lambda: {-1: -1})
-    loss: Literal["mse", "cosine"] = "mse"
-    feature_weight: float = Field(1.0, ge=0)
-    relation_weight: float = Field(0.0, ge=0)  # token-to-token similarity structure
-    relation_loss: Literal["mse", "kl"] = "mse"
-    relation_temperature: float = Field(0.1, gt=0)
-    ce_weight: float = Field(1.0, ge=0)
-
-
-class OnPolicyConfig(StrictModel):
-    """``on_policy``: GKD (arXiv 2306.13649) and MiniLLM-style reverse KL on student samples.
-
-    Each step, with probability ``lmbda`` the student samples the continuations of the batch's
-    prompts and the teacher scores them token by token; otherwise the continuation is the
-    record's own (teacher-written) text, or with ``seq_kd`` one the teacher generates now.
-    The divergence is ``train.loss`` (default: generalized JSD, β = 0.5, as GKD);
-    ``variant: minillm`` means λ = 1 and reverse KL(student‖teacher) unless ``loss`` says otherwise.
-    """
-
-    variant: Literal["gkd", "minillm"] = "gkd"
-    lmbda: float | None = Field(None, ge=0, le=1)  # null: 0.5 for gkd, 1.0 for minillm
-    seq_kd: bool = False
-    max_new_tokens: int = Field(64, ge=1)
-    temperature: float = Field(1.0, ge=0)  # 0 = greedy
-    top_p: float = Field(1.0, gt=0, le=1)
-
-    @property
-    def resolved_lmbda(self) -> float:
-        if self.lmbda is not None:
-            return self.lmbda
-        return 1.0 if self.variant == "minillm" else 0.5
-
-
-class PreferenceConfig(StrictModel):
-    """``preference``: ranking losses on ``prompt/chosen/rejected`` records (teacher feedback).
-
-    ``dpo`` (arXiv 2305.18290), ``ipo`` (arXiv 2310.12036) and ``simpo`` (arXiv 2405.14734,
-    reference-free, length-normalized, margin ``simpo_gamma``). The reference model of dpo/ipo
-    is the student as training starts (with LoRA: the base model, adapters off) or
-    ``reference_path``; ``reference: precompute`` scores every record with it once before
-    training and frees it, ``live`` keeps it in memory and scores each batch.
-    """
-
-    loss: Literal["dpo", "ipo", "simpo"] = "dpo"
-    beta: float | None = Field(None, gt=0)  # null: 0.1 for dpo/ipo, 2.0 for simpo
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # conservative DPO
-    simpo_gamma: float = Field(0.5, ge=0)
-    reference: Literal["precompute", "live"] = "precompute"
-    reference_path: str | None = None
-    sft_weight: float = Field(0.0, ge=0)  # + NLL of the chosen response (RPO)
-
-    @property
-    def resolved_beta(self) -> float:
-        if self.beta is not None:
-            return self.beta
-        return 2.0 if self.loss == "simpo" else 0.1
-
-
-class RewardConfig(StrictModel):
-    """``reward``: policy gradient with a group baseline (GRPO-style, arXiv 2402.03300).
-
-    For each prompt the student samples ``group_size`` completions; each gets a reward from
-    ``source``: ``verifier`` (the final answer against the record's ``reference``),
-    ``teacher_logprob`` (the teacher model's mean log-prob of the completion), ``judge`` (a
-    teacher backend grades it with ``judge_template``) or ``function`` (``module:callable``
-    called as ``fn(prompt, completion, record) -> float``). Advantages are rewards minus the
-    group mean (divided by the group std with ``scale_rewards``).
-    """
-
-    source: Literal["verifier", "teacher_logprob", "judge", "function"] = "verifier"
-    function: str | None = None
-    judge: TeacherConfig | None = None
-    judge_template: str | None = None  # Jinja2 text or @file; null: the shipped rubric
-    group_size: int = Field(4, ge=2)
-    max_new_tokens: int = Field(64, ge=1)
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    scale_rewards: bool = True
-    kl_weight: float = Field(0.0, ge=0)  # β·KL(student‖reference), k3 estimator
-    reference_path: str | None = None  # the KL anchor; null: the student as training starts
-
-    @model_validator(mode="after")
-    def _check(self) -> RewardConfig:
-        if self.source == "function" and not self.function:
-            raise ValueError("train.reward.source is 'function': set train.reward.function to 'module:callable'")
-        if self.source == "judge" and self.judge is None:
-            raise ValueError("train.reward.source is 'judge': set train.reward.judge (a teacher backend)")
-        return self
-
-
 class LoraConfig(StrictModel):
     """LoRA adapters through peft; ``quantize: 4bit`` is QLoRA (bitsandbytes, CUDA only)."""
 
@@ -280,7 +208,7 @@ class CrossTokenizerConfig(StrictModel):
       ``mapping: prefix`` a teacher token the student lacks goes to the student's longest token
       its text starts with (``=-`` onto ``=``); the mass left with no student counterpart is
       handled by ``unmapped`` (``renormalize``: dropped, both sides renormalized;
-      ``tail_bucket``: one extra bucket on both sides); the divergence is ``train.loss``'s;
+      ``tail_bucket``: one extra bucket on both sides); the divergence is the objective's ``loss``;
     * ``uld``: Universal Logit Distillation, the optimal-transport bound between the sorted
       probability vectors (arXiv 2402.12030), no mapping needed;
     * ``hybrid``: ``vocab_map`` with a tail bucket, plus ``uld_weight`` × ULD between the
@@ -301,8 +229,9 @@ class CrossTokenizerConfig(StrictModel):
     @model_validator(mode="after")
     def _check(self) -> CrossTokenizerConfig:
         if self.resolved_method == "hybrid" and self.unmapped == "renormalize":
-            raise ValueError("train.cross_tokenizer.method 'hybrid' compares the unmapped mass by ULD and "
-                             "needs unmapped: tail_bucket (or null); use method 'vocab_map' for 'renormalize'")
+            raise ValueError("train.objective.cross_tokenizer.method 'hybrid' compares the unmapped mass by "
+                             "ULD and needs unmapped: tail_bucket (or null); use method 'vocab_map' for "
+                             "'renormalize'")
         return self
 
     @property
@@ -316,10 +245,25 @@ class CrossTokenizerConfig(StrictModel):
         return "tail_bucket" if self.resolved_method == "hybrid" else "renormalize"
 
 
+class ObjectiveConfig(StrictModel):
+    """Base of every objective's config (``train.objective``): ``name`` picks the objective.
+
+    Each objective declares a subclass in its own module (:mod:`distillery.train.objectives`),
+    with ``name: Literal["<its name>"]`` and its own keys, and registers it
+    (:func:`distillery.objective_registry.register_objective`). ``train.objective`` is
+    validated by the model registered for the name it gives, so only that objective's keys are
+    accepted (and printed by ``distillery config show``).
+    """
+
+    name: str
+
+
 class TrainConfig(StrictModel):
     """The training loop: objective, optimizer, schedule, batch. Shared by every objective."""
 
-    objective: Literal["sft", "logit_kd", "feature_kd", "on_policy", "preference", "reward"] = "sft"
+    # a registered objective: {name: logit_kd, kd_ratio: 0.5, ...}, or a bare name (``sft``)
+    objective: SerializeAsAny[ObjectiveConfig] = Field(
+        default_factory=lambda: objective_config("sft"))
     steps: int = Field(1000, ge=1)
     # the global batch of one optimizer step: split over processes, then into grad_accum_steps
     # micro-batches (each process takes batch_size / (processes × grad_accum_steps) examples)
@@ -330,16 +274,6 @@ class TrainConfig(StrictModel):
     warmup_steps: int = Field(100, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float | None = 1.0
-    # logit_kd shorthand: (1-r)·CE + r·KL(teacher‖student) at this temperature; for any other
-    # divergence, form or mix give ``loss`` (a LossSpec, see docs/losses.md) instead
-    # (null = 0.5 and 1.0)
-    kd_ratio: float | None = Field(None, ge=0, le=1)
-    temperature: float | None = Field(None, gt=0)
-    loss: LossSpec | None = None
-    feature: FeatureKDConfig = Field(default_factory=FeatureKDConfig)
-    on_policy: OnPolicyConfig = Field(default_factory=OnPolicyConfig)
-    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
-    reward: RewardConfig = Field(default_factory=RewardConfig)
     lora: LoraConfig | None = None  # LoRA (or QLoRA) on the student instead of full fine-tuning
     gradient_checkpointing: bool = False
     # padding-free batches: examples concatenated in one row, each attending only to itself
@@ -353,39 +287,11 @@ class TrainConfig(StrictModel):
     # multi-process runs: "fsdp" shards the teacher like the student; "replicate" puts a whole
     # teacher on every process and must be asked for; "auto" = fsdp when the run uses FSDP
     teacher_sharding: Literal["auto", "fsdp", "replicate"] = "auto"
-    # logit_kd from a teacher with another tokenizer (null: the tokenizers must agree)
-    cross_tokenizer: CrossTokenizerConfig | None = None
 
-    @model_validator(mode="after")
-    def _one_way_to_say_the_loss(self) -> TrainConfig:
-        if self.cross_tokenizer is not None and self.objective != "logit_kd":
-            raise ValueError("train.cross_tokenizer applies to objective logit_kd; for other objectives "
-                             "across tokenizers train with sft on teacher-written data")
-        if self.loss is not None and (self.kd_ratio is not None or self.temperature is not None):
-            raise ValueError(
-                "train.kd_ratio/train.temperature are a shorthand for train.loss; with train.loss "
-                "set, give them inside it (train.loss.kd_ratio, train.loss.temperature)"
-            )
-        return self
-
-    def resolved_loss(self) -> LossSpec:
-        """The LossSpec of logit_kd / on_policy: ``loss`` as given, else from the shorthand.
-
-        logit_kd: forward KL with ``(1 − kd_ratio)·CE``; on_policy: GKD's generalized JSD
-        (β = 0.5), or reverse KL for ``variant: minillm``, with no CE unless kd_ratio is given.
-        """
-        if self.loss is not None:
-            return self.loss
-        if self.objective == "on_policy":
-            div = {"divergence": "reverse_kl"} if self.on_policy.variant == "minillm" else {
-                "divergence": "jsd", "beta": 0.5}
-            return LossSpec(**div, kd_ratio=self.kd_ratio,
-                            temperature=1.0 if self.temperature is None else self.temperature)
-        return LossSpec(
-            divergence="forward_kl",
-            kd_ratio=0.5 if self.kd_ratio is None else self.kd_ratio,
-            temperature=1.0 if self.temperature is None else self.temperature,
-        )
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _objective(cls, value: Any) -> Any:
+        return objective_config(value)
 
 
 class TrainJobConfig(StrictModel):
@@ -394,7 +300,7 @@ class TrainJobConfig(StrictModel):
     output_dir: str
     model: ModelConfig = Field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
-    teacher: ModelConfig | None = None  # needed by logit_kd (live) and feature_kd
+    teacher: ModelConfig | None = None  # the live teacher, for objectives that need one
     teacher_cache: str | None = None  # a logit cache (distillery capture) instead of a live teacher
     # optional first step (torchtune's KD recipe): fine-tune the teacher on the same data
     # (objective sft, usually with lora) before distilling from it; saved beside output_dir
@@ -404,32 +310,38 @@ class TrainJobConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> TrainJobConfig:
+        # what the objective needs comes from its registry entry, never from its name
+        name, needs = self.train.objective.name, objective_needs(self.train.objective)
         if self.teacher_cache is not None:
-            if self.train.objective != "logit_kd":
-                raise ValueError("teacher_cache feeds train.objective logit_kd; set it, or drop teacher_cache")
+            if not needs.cache:
+                raise ValueError("teacher_cache (a logit cache) stands in for the live teacher of objectives "
+                                 f"that read one; train.objective '{name}' does not: drop teacher_cache")
             if self.teacher is not None:
                 raise ValueError("set teacher (a live model) or teacher_cache (captured logits), not both")
-        elif self.train.objective in ("logit_kd", "feature_kd", "on_policy") and self.teacher is None:
-            raise ValueError(f"train.objective is '{self.train.objective}' but no teacher is configured "
-                             "(teacher: a model, or teacher_cache: a logit cache for logit_kd)")
-        if (self.train.objective == "reward" and self.train.reward.source == "teacher_logprob"
-                and self.teacher is None):
-            raise ValueError("train.reward.source is 'teacher_logprob' but no teacher is configured")
-        if self.train.objective == "preference" and self.data.path is None:
-            raise ValueError("train.objective 'preference' reads prompt/chosen/rejected records: set data.path")
+        elif needs.live_teacher == "required" and self.teacher is None:
+            cache = ", or teacher_cache: a logit cache" if needs.cache else ""
+            raise ValueError(f"train.objective '{name}' needs a teacher and none is configured "
+                             f"(teacher: a model{cache})")
+        if not needs.messages and self.data.path is None:
+            raise ValueError(f"train.objective '{name}' reads records of its own kind, not problems of "
+                             "a task: set data.path")
+        if self.train.packing:
+            why = None
+            if not needs.packing:
+                why = f"objective '{name}' " + ("samples its own batches" if needs.samples
+                                                else "does not take packed batches with this config")
+            elif self.teacher_cache is not None:
+                why = "a logit cache (teacher_cache) is stored per example, not per packed row"
+            if why:
+                raise ValueError(f"train.packing is not supported here: {why}; set train.packing: false")
         if self.teacher_finetune is not None:
             if self.teacher is None or self.teacher.path is None:
                 raise ValueError("teacher_finetune fine-tunes teacher.path: configure the teacher model")
-            if self.teacher_finetune.objective != "sft":
-                raise ValueError("teacher_finetune.objective must be 'sft' (the teacher learns the target data)")
+            ft = objective_needs(self.teacher_finetune.objective)
+            if ft.live_teacher == "required" or not ft.messages:
+                raise ValueError("teacher_finetune.objective trains the teacher itself on the job's records: "
+                                 "use one that needs no teacher and reads messages records (e.g. sft)")
         return self
-
-
-class TeacherStageConfig(StrictModel):
-    """The pipeline's teacher: a ready HF directory, else trained by a ``distillery train`` recipe."""
-
-    path: str = "assets/demo_teacher"
-    recipe: str | None = "configs/demo_teacher.yaml"  # used when ``path`` is missing or stale
 
 
 class CaptureConfig(StrictModel):
@@ -450,7 +362,7 @@ class CaptureConfig(StrictModel):
     max_seq_len: int = Field(256, ge=2)  # as train.max_seq_len: the cache must match training
     shard_size: int = Field(1024, ge=1)  # examples per shard (the unit of resume)
     # store each token's character offsets in its turn's content, so a student with another
-    # tokenizer can train from this cache (train.cross_tokenizer); 8 bytes per token more
+    # tokenizer can train from this cache (train.objective.cross_tokenizer); 8 bytes per token more
     offsets: bool = False
 
     @model_validator(mode="after")
@@ -458,35 +370,6 @@ class CaptureConfig(StrictModel):
         if self.teacher.backend == "vllm":
             raise ValueError("capture supports teacher.backend hf or openai (serve the model with "
                              "vLLM and use backend: openai)")
-        return self
-
-
-class GenerateConfig(StrictModel):
-    """Elicitation by labeling: the teacher answers unlabeled problems with reasoning chains."""
-
-    num_problems: int = Field(10000, ge=1)
-    batch_size: int = Field(256, ge=1)
-    max_new_tokens: int = Field(48, ge=1)
-    temperature: float = Field(0.0, ge=0)  # 0 = greedy
-    top_p: float = Field(1.0, gt=0, le=1)
-    seed: int = 1
-
-
-class StudentConfig(StrictModel):
-    """One student of the pipeline: which data it learns from and with which objective."""
-
-    data: Literal["ground_truth", "teacher"]
-    target: Literal["chain", "answer"] = "chain"
-    objective: Literal["sft", "logit_kd", "feature_kd"] = "sft"
-    kd_ratio: float | None = None  # overrides train.kd_ratio
-    # null: the teacher's tokenizer; else the student's own (a path, or trained on the task text)
-    tokenizer: TokenizerConfig | None = None
-    cross_tokenizer: CrossTokenizerConfig | None = None  # logit_kd with a tokenizer of its own
-
-    @model_validator(mode="after")
-    def _check(self) -> StudentConfig:
-        if self.cross_tokenizer is not None and self.objective != "logit_kd":
-            raise ValueError("students.<name>.cross_tokenizer applies to objective logit_kd")
         return self
 
 
@@ -544,12 +427,18 @@ class PitfallConfig(StrictModel):
 
 
 class EvalConfig(StrictModel):
-    """Held-out evaluation: greedy decoding, answer extraction, bootstrap CIs, speed; optionally
-    an LLM judge and lm-eval tasks (null: not run)."""
+    """Held-out evaluation: greedy decoding (or ``samples`` sampled answers per problem), graded
+    by the task's grader, bootstrap CIs, speed; optionally an LLM judge and lm-eval tasks (null:
+    not run)."""
 
     num_problems: int = Field(500, ge=1)
     batch_size: int = Field(250, ge=1)
     max_new_tokens: int = Field(48, ge=1)
+    # answers per problem: 1 = greedy; n > 1 = sampled at `temperature`, accuracy is pass@1
+    # averaged over the n samples, and pass@k (unbiased estimator) is reported for k in pass_k
+    samples: int = Field(1, ge=1)
+    temperature: float | None = Field(None, ge=0)  # null: 0 (greedy) for 1 sample, 1.0 for more
+    pass_k: list[int] = Field(default_factory=lambda: [1])
     bootstrap_resamples: int = Field(10000, ge=100)
     speed_prompts: int = Field(8, ge=1)  # prompts decoded one at a time for batch-1 tokens/s
     seed: int = 0
@@ -557,25 +446,23 @@ class EvalConfig(StrictModel):
     lm_eval: LmEvalConfig | None = None
     pitfalls: PitfallConfig = Field(default_factory=PitfallConfig)
 
+    @model_validator(mode="after")
+    def _check_sampling(self) -> EvalConfig:
+        if self.samples > 1 and self.temperature == 0:
+            raise ValueError(f"eval.samples is {self.samples} but eval.temperature is 0: greedy decoding "
+                             "gives identical samples; set eval.temperature > 0 (or leave it null: 1.0)")
+        bad = [k for k in self.pass_k if not 1 <= k <= self.samples]
+        if bad:
+            raise ValueError(f"eval.pass_k holds {bad[0]}: each k must be between 1 and eval.samples "
+                             f"({self.samples}); raise eval.samples or drop that k")
+        return self
 
-def _default_students() -> dict[str, StudentConfig]:
-    return {
-        "student_ground_truth": StudentConfig(data="ground_truth", target="answer"),
-        "student_distilled": StudentConfig(data="teacher", objective="logit_kd"),
-    }
-
-
-class RunConfig(StrictModel):
-    """``distillery run``: the whole pipeline, teacher → synthetic data → students → report."""
-
-    run_dir: str = "runs/demo"
-    task: TaskConfig = Field(default_factory=TaskConfig)
-    teacher: TeacherStageConfig = Field(default_factory=TeacherStageConfig)
-    student: ModelConfig = Field(default_factory=ModelConfig)
-    generate: GenerateConfig = Field(default_factory=GenerateConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    students: dict[str, StudentConfig] = Field(default_factory=_default_students)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
+    @property
+    def sampling_temperature(self) -> float:
+        """The decoding temperature: ``temperature``, else 0 for one sample and 1.0 for more."""
+        if self.temperature is not None:
+            return self.temperature
+        return 1.0 if self.samples > 1 else 0.0
 
 
 class EvalJobConfig(StrictModel):
@@ -614,7 +501,7 @@ class EvalJobConfig(StrictModel):
 # --------------------------------------------------------------------------- loading
 
 
-class ConfigError(ValueError):
+class ConfigError(DistilleryError, ValueError):
     """A config problem, with a message that says where it is and how to fix it."""
 
 
@@ -680,7 +567,10 @@ def apply_overrides(data: dict, overrides: list[str], schema: type[BaseModel] | 
                 }
         node = data
         for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
+            if isinstance(node.get(part), str):
+                # a bare name is a shorthand for {name: ...} (``objective: logit_kd``): keep it
+                node[part] = {"name": node[part]}
+            elif not isinstance(node.get(part), dict):
                 node[part] = {}
             node = node[part]
         node[parts[-1]] = value

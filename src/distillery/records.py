@@ -14,19 +14,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from distillery.errors import DistilleryError
 
-class RecordError(ValueError):
+
+class RecordError(DistilleryError, ValueError):
     """A record file that does not follow the contract, naming the file and line."""
 
 
 def sft_record(
     id: str,
-    prompt: str,
+    prompt: str | list[dict[str, str]],
     answer: str,
     reference: str | None,
     method: str,
@@ -35,10 +38,15 @@ def sft_record(
     sampling: dict | None = None,
     **meta: Any,
 ) -> dict:
-    """A "messages" record: one user turn and one assistant turn, with provenance."""
+    """A "messages" record: the prompt's turns and one assistant turn, with provenance.
+
+    ``prompt``: the user turn's text, or the turns themselves (e.g. a system turn and the user
+    turn, as :func:`distillery.chat.task_messages` builds them).
+    """
+    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     return {
         "id": id,
-        "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+        "messages": [*turns, {"role": "assistant", "content": answer}],
         "reference": reference,
         "meta": {
             "method": method,
@@ -52,12 +60,59 @@ def sft_record(
 
 
 def ground_truth_records(problems: Iterable, target: str) -> list[dict]:
-    """SFT records of task problems with their own answers (``target``: "chain" or "answer")."""
+    """SFT records of task problems with their own answers (``target``: "chain" or "answer").
+
+    The prompt turns are each problem's ``messages`` (its task's system prompt and prompt
+    template, see :func:`distillery.chat.task_messages`), exactly what evaluation sends.
+    """
     return [
-        sft_record(p.id, p.prompt, p.target(target), p.reference, method="ground_truth",
+        sft_record(p.id, p.messages, p.target(target), p.reference, method="ground_truth",
                    seed_id=p.id, target=target)
         for p in problems
     ]
+
+
+# The text of a record, as filters, deduplication and the contamination check read it: SFT
+# records (prompt = user turns, response = final assistant turn) and preference records
+# (prompt = the prompt's user turns, response = the chosen reply) alike.
+
+
+def _message_text(messages: Any, role: str | None) -> list[str]:
+    if isinstance(messages, str):
+        return [messages]
+    return [
+        m.get("content") or ""
+        for m in messages or []
+        if isinstance(m, dict) and (role is None or m.get("role") == role)
+    ]
+
+
+def prompt_of(record: dict[str, Any]) -> str:
+    """The prompt text: the user turns of ``messages`` (SFT) or of ``prompt`` (preference)."""
+    if "prompt" in record:
+        return "\n".join(_message_text(record["prompt"], "user"))
+    return "\n".join(_message_text(record.get("messages"), "user"))
+
+
+def response_of(record: dict[str, Any]) -> str:
+    """The response text: the final assistant turn of ``messages`` (SFT) or of ``chosen``."""
+    turns = record["chosen"] if "chosen" in record else record.get("messages")
+    texts = _message_text(turns, "assistant") if not isinstance(turns, str) else [turns]
+    return texts[-1] if texts else ""
+
+
+def record_text(record: dict[str, Any]) -> str:
+    """Prompt and response together: the default key of the deduplication filters."""
+    return prompt_of(record) + "\n" + response_of(record)
+
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def word_tokens(text: str) -> list[str]:
+    """Lowercase word tokens for n-gram overlap: words, and each punctuation or operator sign
+    on its own (``22+55*2`` is 5 tokens), so arithmetic problems compare sign by sign."""
+    return _WORD.findall(text.casefold())
 
 
 def iter_jsonl(path: str | Path, error: type[ValueError] = RecordError) -> Iterator[tuple[int, Any]]:

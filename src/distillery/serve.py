@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -27,10 +29,11 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from fastapi import FastAPI, Request
@@ -48,11 +51,23 @@ from transformers import (
 )
 
 from distillery.config import ModelConfig
+from distillery.errors import DistilleryError
 from distillery.models import load_model, load_tokenizer
 
 log = logging.getLogger("distillery.serve")
 
 MAX_LOGPROBS = 20
+# Per-request caps (``--max-rows-per-request``, ``--max-tokens-per-request``): one request must not
+# hold the single worker for minutes or fill memory (40 prompts x n=128 once took 382 s, 3.2 GB).
+# 128 rows = OpenAI's largest ``n`` for one prompt; tokens count each row's prompt plus its
+# ``max_tokens`` (what the row's KV cache can grow to).
+DEFAULT_MAX_ROWS = 128
+DEFAULT_MAX_TOKENS = 131_072
+
+
+class ServeError(DistilleryError, ValueError):
+    """A ``serve`` setting that cannot work or is unsafe (a public address without auth, an
+    unset key variable); says which flag fixes it."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,8 +122,21 @@ class _Request(BaseModel):
 class _Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: str
-    content: str | list[dict] | None = None
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[dict]
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content(cls, v: Any) -> Any:
+        # a text model renders strings: null or a number would become "None"/"5" in the prompt
+        if v is None:
+            raise ValueError('must be a string (send "" for an empty message), not null')
+        if not isinstance(v, str | list) or (
+            isinstance(v, list) and any(not isinstance(p, dict) or p.get("type") != "text"
+                                        or not isinstance(p.get("text"), str) for p in v)
+        ):
+            raise ValueError('must be a string or a list of {"type": "text", "text": str} parts')
+        return v
 
 
 class ChatRequest(_Request):
@@ -181,6 +209,10 @@ class ServeStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     errors: int = 0
+    # requests whose client went away, and their rows: dropped from the queue, or ended at the
+    # next decode step (a batch whose rows are all cancelled stops there)
+    cancelled_requests: int = 0
+    cancelled_rows: int = 0
 
 
 def _left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -249,6 +281,7 @@ class _RowStopper(StoppingCriteria):
             if row.finish_reason is None:
                 if job.cancelled:
                     row.finish_reason = "cancelled"
+                    self.engine.stats.cancelled_rows += 1
                 else:
                     self.engine._check_row(job, row)
             done.append(row.finish_reason is not None)
@@ -331,6 +364,10 @@ class Engine:
 
     def _run(self) -> None:
         while (batch := self._next_batch()) is not None:
+            for job in batch:
+                if job.cancelled:  # its client left while it waited: never decoded
+                    self.stats.cancelled_requests += 1
+                    self.stats.cancelled_rows += len(job.rows)
             batch = [j for j in batch if not j.cancelled]
             if not batch:
                 continue
@@ -384,6 +421,7 @@ class Engine:
             if job.stream:
                 self._stream_deltas(job)
             self.stats.requests += 1
+            self.stats.cancelled_requests += any(r.finish_reason == "cancelled" for r in job.rows)
             self.stats.prompt_tokens += sum(len(p) for p in job.prompts)
             self.stats.completion_tokens += sum(r.n_tokens for r in job.rows)
 
@@ -522,6 +560,11 @@ class _Served:
     engine: Engine
     tokenizer: PreTrainedTokenizerBase
     created: int
+    max_rows: int
+    max_tokens: int
+    # chat templates and tokenizers run here, not on the event loop: a 1 MB prompt takes seconds
+    # to tokenize and would stall every other connection (``/health`` included) meanwhile
+    pool: ThreadPoolExecutor
 
 
 def _sse(obj: dict | str) -> str:
@@ -541,12 +584,19 @@ def create_app(
     api_key: str | None = None,
     device: str = "auto",
     trust_remote_code: bool = False,
+    max_rows_per_request: int = DEFAULT_MAX_ROWS,
+    max_tokens_per_request: int = DEFAULT_MAX_TOKENS,
 ) -> FastAPI:
     """A FastAPI app serving the causal LM in ``model_dir`` under the OpenAI API.
 
     ``app.state.stats`` (:class:`ServeStats`) counts batches and tokens; ``app.state.engine`` is
-    the worker. ``api_key`` set: every ``/v1`` call needs ``Authorization: Bearer <api_key>``.
+    the worker. ``api_key`` set: every path but ``/health`` (``/v1``, ``/docs``, ``/redoc``,
+    ``/openapi.json``) needs ``Authorization: Bearer <api_key>``. A request with more than
+    ``max_rows_per_request`` rows (prompts x ``n``) or more than ``max_tokens_per_request`` tokens
+    (each row's prompt plus its ``max_tokens``) is a 400.
     """
+    if max_rows_per_request < 1 or max_tokens_per_request < 1:
+        raise ServeError("--max-rows-per-request and --max-tokens-per-request must be at least 1")
     model = load_model(ModelConfig(path=str(model_dir), device=device, trust_remote_code=trust_remote_code))
     tokenizer = load_tokenizer(str(model_dir), trust_remote_code=trust_remote_code)
     engine = Engine(model, tokenizer, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms)
@@ -557,6 +607,9 @@ def create_app(
         engine=engine,
         tokenizer=tokenizer,
         created=int(time.time()),
+        max_rows=max_rows_per_request,
+        max_tokens=max_tokens_per_request,
+        pool=ThreadPoolExecutor(4, thread_name_prefix="distillery-serve-tokenize"),
     )
 
     @contextlib.asynccontextmanager
@@ -564,6 +617,7 @@ def create_app(
         engine.start()
         yield
         engine.stop()
+        served.pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="distillery serve", lifespan=lifespan)
     app.state.engine = engine
@@ -576,17 +630,15 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        param = loc[0] if loc else None
-        where = ".".join(loc)
-        return APIError(400, f"{where}: {err.get('msg')}" if where else str(err.get("msg")), param).response()
+        return _validation_error(exc).response()
 
     @app.middleware("http")
     async def _log_and_auth(request: Request, call_next: Any) -> Any:
         t0 = time.perf_counter()
         request.state.tokens = None
-        if api_key is not None and request.url.path.startswith("/v1"):
+        # everything but the liveness probe: the API, and /docs, /redoc and /openapi.json too
+        # (they list the endpoints and the model to anyone who asks)
+        if api_key is not None and request.url.path != "/health":
             given = request.headers.get("authorization", "")
             scheme, _, token = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
@@ -625,6 +677,32 @@ def create_app(
     return app
 
 
+_FIELDS = {*ChatRequest.model_fields, *CompletionRequest.model_fields, *_Message.model_fields}
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    """The first validation error as a 400 whose ``param`` is the field's path
+    (``messages[1].content``); pydantic's union-member tags (``str``, ``list[int]``) are left out.
+    Unparsable JSON names the body, with the position in the message (``param`` stays null: a
+    byte offset is no parameter)."""
+    err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    loc = list(err.get("loc", ()))[1:] if err.get("loc", ("",))[0] == "body" else list(err.get("loc", ()))
+    if err.get("type") == "json_invalid":
+        at = f" at character {loc[0]}" if loc and isinstance(loc[0], int) else ""
+        reason = (err.get("ctx") or {}).get("error", err.get("msg"))
+        return APIError(400, f"The request body is not valid JSON: {reason}{at}.")
+    path = ""
+    for part in loc:
+        if isinstance(part, int) and path:
+            path += f"[{part}]"
+        elif isinstance(part, str) and part in _FIELDS:
+            path += f".{part}" if path else part
+        else:  # a union member's tag or a dict key: the field named so far is the param
+            break
+    msg = str(err.get("msg"))
+    return APIError(400, f"{path}: {msg}" if path else msg, path or None)
+
+
 def _log_request(request: Request, status: int, tokens: int | None, t0: float) -> None:
     ms = (time.perf_counter() - t0) * 1000
     log.info("%s %s %d tokens=%s %.1fms", request.method, request.url.path, status,
@@ -643,23 +721,21 @@ def _check_model(served: _Served, model: str) -> None:
         )
 
 
-def _chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[_Message]) -> list[int]:
+def _chat_prompts(
+    tokenizer: PreTrainedTokenizerBase, messages: list[_Message]
+) -> tuple[list[list[int]], list[str]]:
+    """The chat's one prompt as token ids (and no echo text); runs on the tokenizer pool."""
     convo = []
-    for i, m in enumerate(messages):
-        content = m.content
-        if isinstance(content, list):  # content parts: only text can be served by a text model
-            if any(p.get("type") != "text" for p in content):
-                raise APIError(400, f"messages.{i}.content: only text content parts are supported",
-                               "messages")
-            content = "".join(str(p.get("text", "")) for p in content)
-        convo.append({"role": m.role, "content": content or ""})
+    for m in messages:  # content parts were checked to be text parts by _Message
+        content = m.content if isinstance(m.content, str) else "".join(p["text"] for p in m.content)
+        convo.append({"role": m.role, "content": content})
     try:
-        # the same rendering as distillery.train.data.prompt_text, minus its drop of a final
+        # the same rendering as distillery.chat.prompt_text, minus its drop of a final
         # assistant turn (a training detail; a server continues whatever it is sent)
         text = tokenizer.apply_chat_template(convo, tokenize=False, add_generation_prompt=True)
     except Exception as exc:
         raise APIError(400, f"messages: the chat template failed: {exc}", "messages") from exc
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [tokenizer(text, add_special_tokens=False)["input_ids"]], [""]
 
 
 def _completion_prompts(tokenizer: PreTrainedTokenizerBase, prompt: Any) -> tuple[list[list[int]], list[str]]:
@@ -685,41 +761,107 @@ def _completion_prompts(tokenizer: PreTrainedTokenizerBase, prompt: Any) -> tupl
     return ids, texts
 
 
+def _count_prompts(prompt: Any) -> int:
+    """How many prompts a completions ``prompt`` holds (a string, token ids, or a list of them),
+    known before anything is tokenized."""
+    if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
+        return 1
+    return len(prompt)
+
+
+def _check_rows(served: _Served, n_prompts: int, n: int) -> None:
+    """Refuse a request over ``--max-rows-per-request`` before any work is done for it."""
+    if n_prompts * n > served.max_rows:
+        raise APIError(
+            400,
+            f"This request asks for {n_prompts} prompt(s) x n={n} = {n_prompts * n} sequences; this "
+            f"server decodes at most {served.max_rows} per request (--max-rows-per-request). "
+            "Reduce n or send the prompts in several requests.",
+            "n" if n > 1 else "prompt", "request_too_large",
+        )
+
+
+def _completion_budget(
+    served: _Served, prompts: list[list[int]], n: int, max_tokens: int | None, param: str, where: str
+) -> int:
+    """The ``max_tokens`` each row may decode, checked against the model's context and against
+    ``--max-tokens-per-request`` (each row's prompt plus ``max_tokens``, summed over the rows).
+
+    ``max_tokens`` None (chat without one): the rest of the context, shrunk to fit the token cap,
+    so a plain chat request on a long-context model is not refused for a limit it never named.
+    """
+    rows = len(prompts) * n
+    prompt_cost = n * sum(len(p) for p in prompts)
+    budget = served.max_tokens
+    if prompt_cost > budget:
+        raise APIError(
+            400,
+            f"This request's prompts come to {prompt_cost} tokens over {rows} sequences; this server "
+            f"allows {budget} tokens per request (--max-tokens-per-request). Shorten {where} or "
+            "reduce n.",
+            where, "request_too_large",
+        )
+    limit = served.engine.max_context
+    longest = max(len(p) for p in prompts)
+    if max_tokens is None:
+        room = max(limit - longest, 0) if limit is not None else 256
+        max_tokens = min(room, (budget - prompt_cost) // rows)
+    if limit is not None and longest + max_tokens > limit:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {limit} tokens; the request asks for "
+            f"{longest} prompt + {max_tokens} completion tokens. Reduce the prompt or {param}.",
+            where, "context_length_exceeded",
+        )
+    if prompt_cost + max_tokens * rows > budget:
+        raise APIError(
+            400,
+            f"This request needs up to {prompt_cost + max_tokens * rows} tokens ({prompt_cost} prompt "
+            f"+ {param}={max_tokens} x {rows} sequences); this server allows {budget} tokens per "
+            f"request (--max-tokens-per-request). Reduce {param} or n.",
+            param, "request_too_large",
+        )
+    return max_tokens
+
+
+async def _watch_disconnect(request: Request, job: _Job) -> None:
+    """Cancel ``job`` when its client goes away. A non-streaming handler is not interrupted when
+    that happens, so without this the worker would decode the whole request for nobody; once the
+    body is read, the next ASGI message is ``http.disconnect``."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancelled = True
+    job.events.put_nowait(("gone", None))
+
+
 async def _handle(served: _Served, request: Request, body: ChatRequest | CompletionRequest, chat: bool) -> Any:
     _check_model(served, body.model)
     tok = served.tokenizer
     engine = served.engine
+    loop = asyncio.get_running_loop()
+    n = body.n or 1
+    prepare: Callable[[], tuple[list[list[int]], list[str]]]
     if chat:
         assert isinstance(body, ChatRequest)
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs: needs logprobs set to true", "top_logprobs")
-        prompts, texts = [_chat_prompt(tok, body.messages)], [""]
+        _check_rows(served, 1, n)
+        prepare = functools.partial(_chat_prompts, tok, body.messages)
         k = (body.top_logprobs or 0) if body.logprobs else None
         echo = False
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     else:
         assert isinstance(body, CompletionRequest)
-        prompts, texts = _completion_prompts(tok, body.prompt)
+        _check_rows(served, _count_prompts(body.prompt), n)
+        prepare = functools.partial(_completion_prompts, tok, body.prompt)
         k, echo = body.logprobs, bool(body.echo)
         max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default
         param = "max_tokens"
-    n = body.n or 1
+    prompts, texts = await loop.run_in_executor(served.pool, prepare)
+    max_tokens = _completion_budget(served, prompts, n, max_tokens, param, "messages" if chat else "prompt")
     temperature = 1.0 if body.temperature is None else body.temperature
     top_p = 1.0 if body.top_p is None else body.top_p
-    limit = engine.max_context
-    longest = max(len(p) for p in prompts)
-    if limit is not None:
-        if max_tokens is None:
-            max_tokens = max(limit - longest, 0)
-        if longest + max_tokens > limit:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {limit} tokens; the request asks for "
-                f"{longest} prompt + {max_tokens} completion tokens. Reduce the prompt or {param}.",
-                "messages" if chat else "prompt", "context_length_exceeded",
-            )
-    max_tokens = 256 if max_tokens is None else max_tokens
     seed = body.seed
     rows = []
     for p, ids in enumerate(prompts):
@@ -730,28 +872,32 @@ async def _handle(served: _Served, request: Request, body: ChatRequest | Complet
                 rng = torch.Generator(device=engine.device)
                 rng.manual_seed(random.getrandbits(63) if seed is None else (seed * 1_000_003 + j) % 2**63)
             rows.append(_Row(choice, p, ids, max_tokens, temperature, top_p, rng))
-    loop = asyncio.get_running_loop()
     job = _Job(rows, prompts, body.stop, k, echo, bool(body.stream), loop, asyncio.Queue())
     kind = "chat.completion" if chat else "text_completion"
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     render = _Renderer(tok, as_ids=not chat and bool(body.return_tokens_as_token_ids))
     meta = {"id": rid, "created": int(time.time()), "model": served.name}
     engine.submit(job)
-    if body.stream:
+    if body.stream:  # StreamingResponse stops the generator when the client leaves: _stream cancels
         request.state.streaming = True
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         events = _stream(job, request, chat, kind, meta, render, texts, include_usage)
         return StreamingResponse(events, media_type="text/event-stream")
+    watcher = asyncio.create_task(_watch_disconnect(request, job))
     try:
         while True:
             event = await job.events.get()
             if event[0] == "error":
                 raise APIError(500, event[1], type="server_error")
+            if event[0] == "gone":  # nobody reads this answer; 499 is what the log shows
+                return APIError(499, "The client closed the request.", type="client_closed").response()
             if event[0] == "done":
                 break
     except asyncio.CancelledError:
         job.cancelled = True
         raise
+    finally:
+        watcher.cancel()
     prompt_tokens = sum(len(p) for p in prompts)
     completion_tokens = sum(r.n_tokens for r in rows)
     request.state.tokens = prompt_tokens + completion_tokens
@@ -892,6 +1038,31 @@ def start_server(
     return ServerHandle(server, thread, app, host, port)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` only accepts connections from this machine (``localhost``,
+    127.0.0.0/8, ``::1``); a name is resolved, and counts only if every address it has is loopback."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
+
+
+def check_bind(host: str, api_key: str | None, allow_unauthenticated: bool = False) -> None:
+    """Refuse to serve an address other machines can reach without a key, unless asked to:
+    anyone on the network could then run the model (and read ``/docs``) at will."""
+    if api_key is None and not allow_unauthenticated and not is_loopback(host):
+        raise ServeError(
+            f"--host {host}: this address is reachable from other machines and no API key is set. "
+            "Set one with --api-key-env NAME (the name of an environment variable holding the key), "
+            "or pass --allow-unauthenticated if anyone who can reach this address may use the model."
+        )
+
+
 def serve_command(
     model_dir: str | Path,
     host: str = "127.0.0.1",
@@ -902,24 +1073,40 @@ def serve_command(
     api_key_env: str | None = None,
     device: str = "auto",
     trust_remote_code: bool = False,
+    allow_unauthenticated: bool = False,
+    max_rows_per_request: int = DEFAULT_MAX_ROWS,
+    max_tokens_per_request: int = DEFAULT_MAX_TOKENS,
 ) -> None:
-    """Serve until interrupted (what ``distillery serve`` runs). The key is read from ``api_key_env``."""
+    """Serve until interrupted (what ``distillery serve`` runs). The key is read from ``api_key_env``.
+
+    Raises :class:`ServeError` (exit 2 from the CLI) before loading anything when the key variable is
+    unset, or when ``host`` is not loopback and there is no key (see :func:`check_bind`).
+    """
     import uvicorn
 
     api_key = None
     if api_key_env:
         api_key = os.environ.get(api_key_env)
         if not api_key:
-            raise SystemExit(f"--api-key-env {api_key_env}: that environment variable is not set or empty")
+            raise ServeError(
+                f"--api-key-env {api_key_env}: that environment variable is not set or empty; "
+                f"export {api_key_env}=<key> first"
+            )
+    check_bind(host, api_key, allow_unauthenticated)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(
         model_dir, model_name=model_name, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
         api_key=api_key, device=device, trust_remote_code=trust_remote_code,
+        max_rows_per_request=max_rows_per_request, max_tokens_per_request=max_tokens_per_request,
     )
     url = f"http://{host}:{port}"
     print(f"serving {app.state.model_name!r} at {url}/v1 (batch ≤ {max_batch_size}, wait {batch_wait_ms} ms, "
+          f"≤ {max_rows_per_request} rows and {max_tokens_per_request} tokens per request, "
           f"auth {'on' if api_key else 'off'})", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
 
 
-__all__ = ["APIError", "Engine", "ServeStats", "ServerHandle", "create_app", "serve_command", "start_server"]
+__all__ = [
+    "APIError", "Engine", "ServeError", "ServeStats", "ServerHandle", "check_bind", "create_app",
+    "is_loopback", "serve_command", "start_server",
+]

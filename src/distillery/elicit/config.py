@@ -70,6 +70,10 @@ class GenerateJobConfig(StrictModel):
     decontaminate: SeedsConfig | None = None
     cache: bool = True  # reuse teacher answers by request hash (output_dir/cache.sqlite)
     cache_path: str | None = None  # share one cache across runs
+    # exit with an error (status 2) when more than this share of the teacher's requests got no
+    # answer; always when none did. Records made are kept; retryable failures are retried by a
+    # re-run of the same command.
+    max_failure_rate: float = Field(0.1, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _check(self) -> GenerateJobConfig:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distillery.elicit.engine import PhaseSummary, ResponseCache
+from distillery.answers import GraderOptions
 from distillery.elicit.filters import FilterConfig, run_filters
 from distillery.elicit.labeling import LabelingConfig, run_labeling
 from distillery.elicit.seeds import Seed
 from distillery.teachers.base import SamplingParams, Teacher
+from distillery.teachers.phases import PhaseSummary, ResponseCache
 
 
 @dataclass
@@ -29,6 +30,7 @@ class ElicitContext:
     student: Teacher | None = None
     cache: ResponseCache | None = None
     show_progress: bool = True
+    grader: GraderOptions | None = None  # the seeds' task grader: how answers are verified
 
     def label(self, seeds: list[Seed], phase: str, method: str) -> tuple[Path, PhaseSummary]:
         """Label ``seeds`` with the teacher (the last phase of expansion and curation)."""

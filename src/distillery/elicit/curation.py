@@ -25,9 +25,9 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
+from distillery.chat import builtin, render
 from distillery.config import StrictModel
 from distillery.elicit.context import ElicitContext, MethodResult
-from distillery.elicit.engine import MalformedOutput, Outcome, PhaseSummary, run_phase
 from distillery.elicit.expansion import (
     check_candidate,
     dedup_new,
@@ -37,9 +37,9 @@ from distillery.elicit.expansion import (
     write_seed_file,
 )
 from distillery.elicit.seeds import Seed, seed_id
-from distillery.elicit.templates import builtin, render
 from distillery.records import read_jsonl, write_jsonl_atomic
 from distillery.teachers.base import GenerationRequest, GenerationResult, SamplingParams
+from distillery.teachers.phases import MalformedOutput, Outcome, PhaseSummary, run_phase
 
 
 class CurationConfig(StrictModel):

@@ -32,13 +32,13 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from distillery.chat import builtin, render
 from distillery.config import StrictModel
 from distillery.elicit.context import ElicitContext, MethodResult
-from distillery.elicit.engine import MalformedOutput, Outcome, PhaseSummary, run_phase
 from distillery.elicit.seeds import Seed, seed_id
-from distillery.elicit.templates import builtin, render
 from distillery.records import read_jsonl, write_jsonl_atomic
 from distillery.teachers.base import GenerationRequest, GenerationResult, SamplingParams
+from distillery.teachers.phases import MalformedOutput, Outcome, PhaseSummary, run_phase
 
 EVOLUTIONS = ("add_constraints", "deepen", "concretize", "increase_reasoning", "breadth")
 

@@ -5,7 +5,7 @@ the teacher judges what the *student* writes. Its grades become preference recor
 (``prompt/chosen/rejected``, for ranking optimization such as DPO) and its corrections of
 low-scored answers become SFT records.
 
-Phases (each through :func:`~distillery.elicit.engine.run_phase`, so resumable and cached):
+Phases (each through :func:`~distillery.teachers.phases.run_phase`, so resumable and cached):
 
 1. ``feedback_samples``: one request per prompt to ``ctx.student``, ``samples_per_prompt``
    answers sampled at ``student_temperature``.
@@ -21,7 +21,6 @@ Phases (each through :func:`~distillery.elicit.engine.run_phase`, so resumable a
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -29,21 +28,22 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from distillery.chat import builtin, render
 from distillery.config import StrictModel
 from distillery.elicit.context import ElicitContext, MethodResult
-from distillery.elicit.engine import MalformedOutput, Outcome, PhaseSummary, run_phase
+from distillery.elicit.seeds import prompt_turns
 from distillery.elicit.self_knowledge import (
     clean_meta,
-    json_objects,
     need_student,
     read_phase,
     sample_handler,
     sample_order,
     sample_requests,
 )
-from distillery.elicit.templates import builtin, render
-from distillery.records import sft_record, write_jsonl_atomic
+from distillery.records import prompt_of, sft_record, write_jsonl_atomic
 from distillery.teachers.base import GenerationRequest, GenerationResult, SamplingParams
+from distillery.teachers.phases import MalformedOutput, Outcome, PhaseSummary, run_phase
+from distillery.teachers.replies import parse_grade
 
 METHOD = "feedback"
 
@@ -83,76 +83,6 @@ class FeedbackConfig(StrictModel):
         return self
 
 
-# --------------------------------------------------------------------------- grade parsing
-
-_NUM = r"[+-]?\d+(?:\.\d+)?"
-_SCALE = rf"\s*(?:/|out\s+of)\s*({_NUM})"
-_LABEL = r"(?:score|rating|grade)"
-_LINE_SCORE = re.compile(rf"^[\s>*#_-]*{_LABEL}\W{{0,6}}(?:is\s+|of\s+)?\**\s*({_NUM})(?:{_SCALE})?",
-                         re.IGNORECASE | re.MULTILINE)
-_ANY_SCORE = re.compile(rf"\b{_LABEL}\b\W{{0,6}}(?:is\s+|of\s+)?\**\s*({_NUM})(?:{_SCALE})?", re.IGNORECASE)
-_FRACTION = re.compile(rf"(?<![\d.])({_NUM}){_SCALE}(?!\d|\.\d)", re.IGNORECASE)
-_RATIONALE = re.compile(r"^[\s>*#_-]*(?:rationale|reason(?:ing)?|explanation|justification|critique)"
-                        r"\W{0,4}[:\-]\**\s*", re.IGNORECASE | re.MULTILINE)
-
-
-def parse_grade(text: str, max_score: int) -> tuple[float, str]:
-    """(score, rationale) from a grader's reply; :class:`MalformedOutput` when there is none.
-
-    Reads, in order: a JSON object with ``score`` (and ``rationale``/``reason``/``explanation``);
-    a ``Score: 7`` line (markdown, ``7/10`` and ``7 out of 10`` tolerated; the last such line
-    wins); ``score`` anywhere followed by a number; a bare ``7/10`` whose scale is
-    ``max_score``. A score outside ``1..max_score`` or on another scale is malformed too.
-    Integral scores come back as ``int``.
-    """
-    score, scale, rationale = None, None, None
-    for obj in json_objects(text):
-        if "score" in obj:
-            score = obj["score"]
-            rationale = next((obj[k] for k in ("rationale", "reason", "reasoning", "explanation")
-                              if isinstance(obj.get(k), str)), "")
-    if isinstance(score, str):
-        m = re.fullmatch(rf"\s*({_NUM})(?:{_SCALE})?\s*", score)
-        score, scale = (m.group(1), m.group(2)) if m else (None, None)
-    if isinstance(score, bool) or (score is not None and not isinstance(score, (int, float, str))):
-        score = None
-    match = None
-    if score is None:
-        for regex in (_LINE_SCORE, _ANY_SCORE):
-            found = list(regex.finditer(text))
-            if found:
-                match = found[-1]
-                break
-        else:
-            found = [m for m in _FRACTION.finditer(text) if float(m.group(2)) == max_score]
-            match = found[-1] if found else None
-        if match is None:
-            raise MalformedOutput(f"no score in the grader's reply: {text[:80]!r}")
-        score, scale = match.group(1), match.group(2)
-    value = float(score)
-    if scale is not None and float(scale) != max_score:
-        raise MalformedOutput(f"score {value:g}/{float(scale):g} is not on the 1..{max_score} scale")
-    if not 1 <= value <= max_score:
-        raise MalformedOutput(f"score {value:g} outside 1..{max_score}")
-    if rationale is None:
-        rationale = _rationale(text, match)
-    return (int(value) if value.is_integer() else value), rationale.strip()
-
-
-def _rationale(text: str, score_match: re.Match | None) -> str:
-    """The "Rationale: ..." text (up to a later score line), else the reply minus the score line."""
-    found = list(_RATIONALE.finditer(text))
-    if found:
-        rest = text[found[-1].end():]
-        cut = _LINE_SCORE.search(rest)
-        return rest[: cut.start()] if cut else rest
-    if score_match is None:
-        return text
-    start = text.rfind("\n", 0, score_match.start()) + 1
-    end = text.find("\n", score_match.end())
-    return (text[:start] + (text[end:] if end >= 0 else "")).strip()
-
-
 # --------------------------------------------------------------------------- phases
 
 
@@ -161,7 +91,7 @@ def _grade_requests(samples: list[dict], cfg: FeedbackConfig, params: SamplingPa
     template = cfg.grade_template or builtin("feedback_grade")
     for s in samples:
         reference = s["reference"] if cfg.use_reference else None
-        text = render(template, "feedback.grade_template", prompt=s["messages"][0]["content"],
+        text = render(template, "feedback.grade_template", prompt=prompt_of(s),
                       answer=s["messages"][-1]["content"], reference=reference, max_score=cfg.max_score)
         yield GenerationRequest(f"{phase}:{s['id']}", [{"role": "user", "content": text}], params,
                                 meta={"sample_id": s["id"], "seed_id": s["meta"]["seed_id"],
@@ -192,8 +122,9 @@ def _correction_requests(graded: list[dict], cfg: FeedbackConfig, params: Sampli
                       score=g["score"], rationale=g["rationale"], reference=reference,
                       max_score=cfg.max_score)
         yield GenerationRequest(f"{phase}:{g['id']}", [{"role": "user", "content": text}], params,
-                                meta={k: g[k] for k in ("id", "seed_id", "index", "sample", "prompt",
-                                                        "answer", "score", "rationale", "reference")})
+                                meta={**{k: g[k] for k in ("id", "seed_id", "index", "sample", "prompt",
+                                                           "answer", "score", "rationale", "reference")},
+                                      "system": g.get("system")})
 
 
 def _correction_handler(cfg: FeedbackConfig, teacher: str):  # noqa: ANN202
@@ -205,7 +136,8 @@ def _correction_handler(cfg: FeedbackConfig, teacher: str):  # noqa: ANN202
         if not g.text.strip():
             raise MalformedOutput("empty correction")
         return Outcome(records=[sft_record(
-            f"{m['seed_id']}-c{m['sample']}", m["prompt"], g.text.strip(), m["reference"],
+            f"{m['seed_id']}-c{m['sample']}", prompt_turns(m["prompt"], m["system"]), g.text.strip(),
+            m["reference"],
             method=METHOD, teacher=teacher, seed_id=m["seed_id"], sampling=result.request.params.to_dict(),
             index=m["index"], sample=m["sample"], corrects=m["id"], student_answer=m["answer"],
             student_score=m["score"], rationale=m["rationale"], finish_reason=g.finish_reason,
@@ -226,7 +158,9 @@ def join_grades(samples: list[dict], grades: list[dict]) -> list[dict]:
         if g is None:
             continue
         out.append({"id": s["id"], "seed_id": s["meta"]["seed_id"], "index": s["meta"]["index"],
-                    "sample": s["meta"]["sample"], "prompt": s["messages"][0]["content"],
+                    "sample": s["meta"]["sample"], "prompt": prompt_of(s),
+                    # a task's system prompt, which the records made from this answer keep
+                    "system": next((m["content"] for m in s["messages"] if m["role"] == "system"), None),
                     "answer": s["messages"][-1]["content"], "reference": s.get("reference"),
                     "score": g["score"], "rationale": g["rationale"], "judge": g["meta"]["judge"],
                     "student": s["meta"].get("teacher"), "created": s["meta"].get("created")})
@@ -246,7 +180,7 @@ def _pair(chosen: dict, rejected: dict, correction: dict | None = None) -> dict:
         scores = {"judge": chosen["score"], **scores}
     return {
         "id": f"{seed}-{c_tag}-s{rejected['sample']}",
-        "prompt": [{"role": "user", "content": rejected["prompt"]}],
+        "prompt": prompt_turns(rejected["prompt"], rejected.get("system")),
         "chosen": [{"role": "assistant", "content": c_text}],
         "rejected": [{"role": "assistant", "content": rejected["answer"]}],
         "reference": rejected.get("reference"),

@@ -23,61 +23,30 @@ preference records (prompt = the prompt's user turns, response = the chosen repl
 from __future__ import annotations
 
 import re
-import threading
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from fractions import Fraction
-from functools import lru_cache
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from distillery.answers import GradeItem, Grader, GraderOptions, build_grader
 from distillery.config import StrictModel
-from distillery.tasks import extract_answer
+from distillery.records import prompt_of, record_text, response_of, word_tokens
 
 Record = dict[str, Any]
 Rejected = list[tuple[Record, str]]
 
 __all__ = [
     "DEFAULT_REFUSAL_PHRASES", "DatasetFilter", "FilterConfig", "FilterReport", "RecordFilter",
-    "answers_equivalent", "apply_filters", "build_filters", "decontaminate",
-    "decontamination_filter", "exact_dedup", "extract_final_answer", "format_filter",
+    "apply_filters", "build_filters", "decontaminate",
+    "decontamination_filter", "exact_dedup", "format_filter",
     "judge_score_filter", "length_filter", "near_dedup", "prompt_of", "refusal_filter",
     "response_of", "run_filters", "verify_filter",
 ]
 
 
 # --------------------------------------------------------------------------- record accessors
-
-
-def _message_text(messages: Any, role: str | None) -> list[str]:
-    if isinstance(messages, str):
-        return [messages]
-    return [
-        m.get("content") or ""
-        for m in messages or []
-        if isinstance(m, dict) and (role is None or m.get("role") == role)
-    ]
-
-
-def prompt_of(record: Record) -> str:
-    """The prompt text: the user turns of ``messages`` (SFT) or of ``prompt`` (preference)."""
-    if "prompt" in record:
-        return "\n".join(_message_text(record["prompt"], "user"))
-    return "\n".join(_message_text(record.get("messages"), "user"))
-
-
-def response_of(record: Record) -> str:
-    """The response text: the final assistant turn of ``messages`` (SFT) or of ``chosen``."""
-    turns = record["chosen"] if "chosen" in record else record.get("messages")
-    texts = _message_text(turns, "assistant") if not isinstance(turns, str) else [turns]
-    return texts[-1] if texts else ""
-
-
-def record_text(record: Record) -> str:
-    """Prompt and response together: the default key of the deduplication filters."""
-    return prompt_of(record) + "\n" + response_of(record)
 
 
 def _normalize_text(text: str) -> str:
@@ -202,282 +171,33 @@ def judge_score_filter(min_score: float, key: str = "judge") -> RecordFilter:
     return RecordFilter("judge_score", check)
 
 
-_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_ANSWER_IS = re.compile(
-    r"\b(?:final answer|answer)\b\s*(?:is\b\s*:?|[:=])\s*\$?([^\n$]+?)\$?\s*\.?\s*$", re.IGNORECASE
-)
-
-
-def _braced(text: str, start: int) -> str | None:
-    """The text inside the braces that open at ``start - 1`` (braces balanced), or None."""
-    depth = 1
-    for i in range(start, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start:i]
-    return None
-
-
-def extract_final_answer(text: str) -> str | None:
-    """The final answer of a response: the last ``\\boxed{..}``, else ``#132`` or "answer is
-    132" (see :func:`distillery.tasks.extract_answer`), else the rest of the last line that says
-    "answer: ..." / "the answer is ...". None when the response states no answer.
-    """
-    if not isinstance(text, str):
-        return None
-    boxes = [_braced(text, m.end()) for m in _BOXED.finditer(text)]
-    boxes = [b for b in boxes if b is not None and b.strip()]
-    if boxes:
-        return boxes[-1].strip()
-    found = extract_answer(text)
-    if found is not None:
-        return found
-    for line in reversed(text.strip().splitlines()):
-        match = _ANSWER_IS.search(line)
-        if match and match.group(1).strip():
-            return match.group(1).strip()
-    return None
-
-
 def verify_filter(
-    extract: Callable[[str], str | None] = extract_final_answer, keep_unreferenced: bool = False
+    grader: Grader | GraderOptions | str | dict | None = None, keep_unreferenced: bool = False
 ) -> RecordFilter:
-    """Reject records whose extracted final answer is not equivalent to ``record["reference"]``.
+    """Reject records whose response does not answer ``record["reference"]`` correctly.
 
-    Equivalence is :func:`answers_equivalent` (numeric, then symbolic, then text). Records
+    ``grader`` is the task's grader (:mod:`distillery.answers`); None: ``symbolic`` (numbers,
+    fractions, percentages, then simple algebra), which suits references of any kind. Records
     without a reference are rejected unless ``keep_unreferenced``.
     """
+    judge = grader if isinstance(grader, Grader) else build_grader(grader or "symbolic")
 
     def check(record: Record) -> str | None:
         reference = record.get("reference")
         if reference is None or str(reference).strip() == "":
             return None if keep_unreferenced else "no reference to verify against"
-        answer = extract(response_of(record))
-        if answer is None:
+        result = judge.grade(GradeItem(response_of(record), str(reference), prompt_of(record)))
+        if result.status == "no_answer":
             return "no final answer found in the response"
-        if answers_equivalent(answer, str(reference)):
+        if result.correct:
             return None
-        return f"answer {_clip(answer)!r} does not match reference {_clip(str(reference))!r}"
+        return f"answer {_clip(result.answer or '')!r} does not match reference {_clip(str(reference))!r}"
 
     return RecordFilter("verify", check)
 
 
 def _clip(text: str, n: int = 80) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
-
-
-# --------------------------------------------------------------------------- answer equivalence
-
-MAX_ANSWER_CHARS = 500  # longer answers are compared as text only
-MAX_SYMBOLIC_CHARS = 200  # longer answers never reach sympy
-SYMBOLIC_TIMEOUT_S = 2.0
-
-_LATEX_SUBS = [
-    (re.compile(r"\\[,;:! ]|\\q?quad"), " "),
-    (re.compile(r"\\left|\\right"), ""),
-    (re.compile(r"\\(?:cdot|times)"), "*"),
-    (re.compile(r"\\div"), "/"),
-    (re.compile(r"\\%"), "%"),
-    (re.compile(r"\\pi\b"), "pi"),
-    (re.compile(r"\\(?:text|mathrm|mathbf)\s*\{([^{}]*)\}"), r"\1"),
-]
-_LATEX_FRAC = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
-_LATEX_SQRT = re.compile(r"\\sqrt\s*\{([^{}]*)\}")
-_ASSIGNMENT = re.compile(r"^[A-Za-z][A-Za-z0-9]{0,3}\s*=(?!=)\s*(?=\S)")
-
-
-def _light_normalize(text: str) -> str:
-    """Strip ``$``, ``\\boxed{}``, a leading ``x =``; turn LaTeX fractions/roots into plain math."""
-    s = text.strip()
-    for _ in range(3):  # unwrap nested \boxed{\boxed{..}} and $..$
-        s = s.strip().strip("$").strip()
-        m = _BOXED.match(s)
-        inner = _braced(s, m.end()) if m else None
-        if inner is None or m.end() + len(inner) + 1 != len(s):
-            break
-        s = inner
-    for regex, repl in _LATEX_SUBS:
-        s = regex.sub(repl, s)
-    for _ in range(5):  # innermost first: \frac{\frac{1}{2}}{3}
-        s, n_frac = _LATEX_FRAC.subn(r"(\1)/(\2)", s)
-        s, n_sqrt = _LATEX_SQRT.subn(r"sqrt(\1)", s)
-        if not (n_frac or n_sqrt):
-            break
-    s = s.replace("{", "(").replace("}", ")").strip()
-    if s.count("=") == 1:
-        s = _ASSIGNMENT.sub("", s)
-    return s.rstrip(".").strip()
-
-
-_DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d{1,3})?")
-_THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d*)?")
-_RATIO = re.compile(r"([+-]?\d+)\s*/\s*([+-]?\d+)")
-_PAREN_NUMBER = re.compile(r"\(\s*([+-]?[\d.]+)\s*\)")
-
-
-def _as_number(text: str) -> Fraction | None:
-    """The exact value of a plain number: int, decimal, 1e3, 1,000, 3/4, (3)/(4); else None."""
-    s = _PAREN_NUMBER.sub(r"\1", text.replace(" ", ""))
-    if _THOUSANDS.fullmatch(s):
-        s = s.replace(",", "")
-    try:
-        if _DECIMAL.fullmatch(s):
-            return Fraction(s)
-        m = _RATIO.fullmatch(s)
-        if m and int(m.group(2)) != 0:
-            return Fraction(int(m.group(1)), int(m.group(2)))
-    except (ValueError, ZeroDivisionError, OverflowError):
-        pass
-    return None
-
-
-def _number_values(text: str, allow_percent: bool) -> set[Fraction]:
-    """The values a number may stand for: "50%" is 50 or 1/2 when percentages are allowed."""
-    if allow_percent and text.endswith("%"):
-        value = _as_number(text[:-1].strip())
-        return set() if value is None else {value, value / 100}
-    value = _as_number(text)
-    return set() if value is None else {value}
-
-
-def answers_equivalent(
-    a: str | None, b: str | None, *, allow_percent: bool = True, symbolic: bool = True,
-    rel_tol: float = 0.0, timeout_s: float = SYMBOLIC_TIMEOUT_S,
-) -> bool:
-    """Whether two final answers say the same thing.
-
-    In order: numeric equality (``3/4`` = ``0.75`` = ``\\frac{3}{4}``, ``1,000`` = ``1000.0``,
-    ``+5`` = ``5``, ``50%`` = ``50`` = ``0.5``; exact, or within ``rel_tol``), then symbolic
-    equality with sympy (``x*(x+1)`` = ``x^2 + x``), then normalized text (casefold, collapsed
-    whitespace). Never raises and never evaluates arbitrary input: text reaches sympy only when
-    it is short and made of numbers, operators, single-letter variables and a few known
-    functions, and the comparison gives up (False) after ``timeout_s``.
-    """
-    if not isinstance(a, str) or not isinstance(b, str):
-        return False
-    if len(a) > MAX_ANSWER_CHARS or len(b) > MAX_ANSWER_CHARS:
-        return _normalize_text(a) == _normalize_text(b)
-    na, nb = _light_normalize(a), _light_normalize(b)
-    if _normalize_text(na) == _normalize_text(nb):
-        return True
-    va, vb = _number_values(na, allow_percent), _number_values(nb, allow_percent)
-    if va and vb:
-        if va & vb:
-            return True
-        return rel_tol > 0 and any(
-            abs(x - y) <= rel_tol * max(abs(x), abs(y)) for x in va for y in vb
-        )
-    if symbolic:
-        return _symbolic_equal(na, nb, timeout_s)
-    return False
-
-
-# sympy's parse_expr runs eval() on the text it builds, so nothing reaches it that is not
-# plain math: these characters only, no attribute access (a dot must start a number), and
-# every name a single letter (optionally with digits: x1) or one of these functions.
-_SAFE_CHARS = re.compile(r"[0-9A-Za-z+\-*/^().\s]+")
-_NAME = re.compile(r"[A-Za-z]+[0-9]*")
-_DOT_NOT_NUMBER = re.compile(r"\.(?!\d)")
-_VARIABLE_CALL = re.compile(r"(?<![A-Za-z])([A-Za-z][0-9]*)\s*\(")
-_MAX_EXPONENT = 100
-_MAX_BITS = 4096
-
-
-def _sympy_names() -> dict[str, Any]:
-    import sympy
-
-    functions = {
-        "sqrt": sympy.sqrt, "sin": sympy.sin, "cos": sympy.cos, "tan": sympy.tan,
-        "log": sympy.log, "ln": sympy.log, "exp": sympy.exp, "abs": sympy.Abs, "pi": sympy.pi,
-    }
-    core = {n: getattr(sympy, n) for n in ("Symbol", "Integer", "Float", "Rational", "Add", "Mul", "Pow")}
-    return {"__builtins__": {}, **core, **functions}
-
-
-@lru_cache(maxsize=4096)
-def _parse_symbolic(text: str) -> Any:
-    """A sympy expression for safe, short math text, or None (bad text, parse error, too big)."""
-    if len(text) > MAX_SYMBOLIC_CHARS or not _SAFE_CHARS.fullmatch(text):
-        return None
-    if _DOT_NOT_NUMBER.search(text):
-        return None
-    names = _sympy_names()
-    text = _VARIABLE_CALL.sub(r"\1*(", text)  # x(x+1) is a product, not a function call
-    for name in _NAME.findall(text):
-        if len(name.rstrip("0123456789")) > 1 and name not in names:
-            return None
-    try:
-        from sympy.parsing.sympy_parser import (
-            auto_number,
-            auto_symbol,
-            convert_xor,
-            implicit_multiplication,
-            parse_expr,
-        )
-
-        expr = parse_expr(
-            text, local_dict={}, global_dict=names, evaluate=False,
-            transformations=(auto_symbol, auto_number, implicit_multiplication, convert_xor),
-        )
-    except BaseException:  # noqa: BLE001 - any failure to parse means "not math"
-        return None
-    return expr if _bounded(expr) else None
-
-
-def _bounded(expr: Any) -> bool:
-    """No numeric exponent above 100 and no number above ~2**4096 (so nothing can blow up)."""
-    import sympy
-
-    if not isinstance(expr, sympy.Basic):
-        return False
-    bits: dict[Any, float] = {}
-    for node in sympy.postorder_traversal(expr):
-        args = [bits.get(arg, 0.0) for arg in node.args]
-        if isinstance(node, sympy.Integer):
-            size = float(abs(int(node)).bit_length())
-        elif isinstance(node, sympy.Rational):
-            size = float(max(abs(node.p).bit_length(), node.q.bit_length()))
-        elif isinstance(node, sympy.Float):
-            size = float(int(abs(node)).bit_length()) if abs(node) < 1e300 else float("inf")
-        elif isinstance(node, sympy.Pow):
-            base_bits, exp_bits = args
-            if node.exp.is_number:
-                if exp_bits > _MAX_EXPONENT.bit_length():
-                    return False
-                size = max(base_bits, 1.0) * 2.0**exp_bits
-            else:
-                size = base_bits
-        elif isinstance(node, sympy.Mul):
-            size = sum(args)
-        else:
-            size = max(args, default=0.0) + 1.0
-        if size > _MAX_BITS:
-            return False
-        bits[node] = size
-    return True
-
-
-def _symbolic_equal(a: str, b: str, timeout_s: float) -> bool:
-    ea, eb = _parse_symbolic(a), _parse_symbolic(b)
-    if ea is None or eb is None:
-        return False
-    result: list[bool] = []
-
-    def compare() -> None:
-        try:
-            import sympy
-
-            result.append(bool(sympy.simplify(ea - eb) == 0))
-        except BaseException:  # noqa: BLE001 - a comparison sympy cannot make is "not equal"
-            result.append(False)
-
-    worker = threading.Thread(target=compare, daemon=True, name="answers_equivalent")
-    worker.start()
-    worker.join(timeout_s)
-    return bool(result and result[0])
 
 
 # --------------------------------------------------------------------------- dataset filters
@@ -568,13 +288,6 @@ def near_dedup(
     return DatasetFilter("near_dedup", run)
 
 
-_TOKEN = re.compile(r"\w+|[^\w\s]")
-
-
-def _tokens(text: str) -> list[str]:
-    return _TOKEN.findall(text.casefold())
-
-
 def decontaminate(
     records: list[Record], eval_texts: Sequence[str], n: int = 13
 ) -> tuple[list[Record], Rejected]:
@@ -593,7 +306,7 @@ def decontamination_filter(eval_texts: Sequence[str], n: int = 13) -> DatasetFil
         raise ValueError(f"decontamination n must be >= 1, got {n}")
     index: dict[int, dict[tuple[str, ...], int]] = {}  # gram length -> gram -> eval text number
     for number, text in enumerate(eval_texts):
-        toks = _tokens(text)
+        toks = word_tokens(text)
         if not toks:
             continue
         size = min(n, len(toks))
@@ -605,7 +318,7 @@ def decontamination_filter(eval_texts: Sequence[str], n: int = 13) -> DatasetFil
         kept: list[Record] = []
         rejected: Rejected = []
         for rec in records:
-            reason = _overlap(_tokens(prompt_of(rec)))
+            reason = _overlap(word_tokens(prompt_of(rec)))
             if reason is None:
                 kept.append(rec)
             else:
@@ -741,11 +454,13 @@ class FilterConfig(StrictModel):
 
 
 def build_filters(
-    cfg: FilterConfig, eval_texts: Sequence[str] | None = None
+    cfg: FilterConfig, eval_texts: Sequence[str] | None = None,
+    grader: GraderOptions | str | None = None,
 ) -> tuple[list[RecordFilter], list[DatasetFilter]]:
     """The record and dataset filters ``cfg`` asks for, cheapest first.
 
-    Decontamination is built only when ``cfg.decontaminate_n`` is set and ``eval_texts`` given.
+    Decontamination is built only when ``cfg.decontaminate_n`` is set and ``eval_texts`` given;
+    ``grader`` (the seeds' task grader) is what ``verify`` checks answers with.
     """
     record_filters: list[RecordFilter] = []
     if cfg.min_chars is not None or cfg.max_chars is not None:
@@ -758,7 +473,7 @@ def build_filters(
     if cfg.min_judge_score is not None:
         record_filters.append(judge_score_filter(cfg.min_judge_score, cfg.judge_key))
     if cfg.verify:
-        record_filters.append(verify_filter())
+        record_filters.append(verify_filter(grader))
     dataset_filters: list[DatasetFilter] = []
     if cfg.dedup:
         dataset_filters.append(exact_dedup())
@@ -771,8 +486,9 @@ def build_filters(
 
 
 def run_filters(
-    records: Iterable[Record], cfg: FilterConfig | None = None, eval_texts: Sequence[str] | None = None
+    records: Iterable[Record], cfg: FilterConfig | None = None, eval_texts: Sequence[str] | None = None,
+    grader: GraderOptions | str | None = None,
 ) -> FilterReport:
     """``build_filters`` + ``apply_filters`` in one call: what the generate stage runs."""
-    record_filters, dataset_filters = build_filters(cfg or FilterConfig(), eval_texts)
+    record_filters, dataset_filters = build_filters(cfg or FilterConfig(), eval_texts, grader)
     return apply_filters(records, record_filters, dataset_filters)

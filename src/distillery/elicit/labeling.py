@@ -8,22 +8,20 @@ to reason without being told to), unless ``keep_instruction`` is set.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from pydantic import Field
 
+from distillery.answers import extract_final_answer, extract_with_pattern
+from distillery.chat import builtin, render
 from distillery.config import StrictModel
-from distillery.elicit.engine import Outcome, PhaseSummary, RecordCheck, ResponseCache, run_phase
-from distillery.elicit.seeds import Seed
-from distillery.elicit.templates import builtin, render
+from distillery.elicit.seeds import Seed, prompt_turns, task_seeds
 from distillery.records import sft_record
-from distillery.tasks import Problem, extract_answer
+from distillery.tasks import Problem
 from distillery.teachers.base import GenerationRequest, GenerationResult, SamplingParams, Teacher
-
-_FINAL = re.compile(r"^\s*[*_]*final answer[*_]*\s*[:：][*_\s]*(.+?)\s*$", re.IGNORECASE | re.MULTILINE)
-_BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
+from distillery.teachers.phases import Outcome, PhaseSummary, RecordCheck, ResponseCache, run_phase
 
 
 class LabelingConfig(StrictModel):
@@ -33,8 +31,8 @@ class LabelingConfig(StrictModel):
     # Jinja2 text or @file; variables: prompt. Default: the built-in CoT or plain template.
     template: str | None = None
     system: str | None = None  # an optional system turn sent to the teacher
-    # a regex whose group "answer" (or group 1) is the final answer; default: "Final answer:",
-    # \boxed{...}, "#N" and "The answer is N", in that order
+    # a regex whose group "answer" (or group 1) is the final answer; default: the shared
+    # extractor of distillery.answers (\boxed{...}, "Final answer:", "The answer is", "#N", ...)
     answer_pattern: str | None = None
     require_answer: bool = True  # no parsable final answer -> reject
     drop_truncated: bool = True  # stopped by max_new_tokens -> reject
@@ -46,25 +44,16 @@ class LabelingConfig(StrictModel):
 
 
 def parse_answer(text: str, pattern: str | None = None) -> tuple[str, str | None]:
-    """Split a teacher's text into (rationale, final answer); answer None when there is none."""
-    if pattern is not None:
-        matches = list(re.finditer(pattern, text, re.MULTILINE))
-        if not matches:
-            return text.strip(), None
-        m = matches[-1]
-        answer = m.group("answer") if "answer" in m.re.groupindex else m.group(1 if m.re.groups else 0)
-        return text[: m.start()].strip(), answer.strip()
-    if found := list(_FINAL.finditer(text)):
-        m = found[-1]
-        return text[: m.start()].strip(), m.group(1).strip()
-    if found := list(_BOXED.finditer(text)):
-        m = found[-1]
-        return text[: m.start()].strip(), m.group(1).strip()
-    answer = extract_answer(text)  # "...;#132" (the demo task) or "The answer is 132"
-    if answer is None:
+    """Split a teacher's text into (rationale, final answer); answer None when there is none.
+
+    The answer is read by :mod:`distillery.answers` (``pattern``, when given, else the shared
+    extractor: ``\\boxed{}``, "Final answer:", "The answer is", ``#N``, a bare last line);
+    the rationale is the text before the answer's marker.
+    """
+    found = extract_with_pattern(text, pattern) if pattern is not None else extract_final_answer(text)
+    if found.answer is None or found.start is None:
         return text.strip(), None
-    cut = max(text.rfind("#"), text.lower().rfind("the answer is"))
-    return text[:cut].strip().rstrip(";").strip(), answer
+    return text[: found.start].strip().rstrip(";").strip(), found.answer
 
 
 def labeling_requests(seeds: Iterable[Seed], cfg: LabelingConfig, params: SamplingParams,
@@ -73,10 +62,11 @@ def labeling_requests(seeds: Iterable[Seed], cfg: LabelingConfig, params: Sampli
     template = cfg.prompt_template()
     for seed in seeds:
         user = render(template, "labeling.template", prompt=seed.prompt, **seed.extra)
-        messages = ([{"role": "system", "content": cfg.system}] if cfg.system else [])
+        system = cfg.system or seed.system  # labeling.system overrides the task's for the teacher
+        messages = ([{"role": "system", "content": system}] if system else [])
         messages.append({"role": "user", "content": user})
         yield GenerationRequest(f"{phase}:{seed.id}", messages, params,
-                                meta={"seed_id": seed.id, "prompt": seed.prompt,
+                                meta={"seed_id": seed.id, "prompt": seed.prompt, "system": seed.system,
                                       "reference": seed.reference, "extra": seed.extra})
 
 
@@ -87,6 +77,8 @@ def labeling_handler(cfg: LabelingConfig, teacher_name: str, method: str = "labe
         req, out = result.request, Outcome()
         seed_id, prompt = req.meta["seed_id"], req.meta["prompt"]
         user = req.messages[-1]["content"] if cfg.keep_instruction else prompt
+        # the record's turns: the task's system turn and prompt, what evaluation sends
+        turns = prompt_turns(user, req.meta["system"])
         for j, g in enumerate(result.generations):
             rationale, answer = parse_answer(g.text, cfg.answer_pattern)
             if cfg.drop_truncated and g.finish_reason == "length":
@@ -96,7 +88,7 @@ def labeling_handler(cfg: LabelingConfig, teacher_name: str, method: str = "labe
                 out.rejects.append(("no_answer: no final answer found in the teacher's text", g.text))
                 continue
             out.records.append(sft_record(
-                f"{seed_id}-s{j}", user, g.text.strip(), reference=req.meta["reference"],
+                f"{seed_id}-s{j}", turns, g.text.strip(), reference=req.meta["reference"],
                 method=method, teacher=teacher_name, seed_id=seed_id,
                 sampling=req.params.to_dict(), finish_reason=g.finish_reason,
                 rationale=rationale, parsed_answer=answer, tokens=g.num_tokens,
@@ -135,14 +127,15 @@ def label_problems(
     out_path: str | Path,
     show_progress: bool = True,
 ) -> Path:
-    """The demo pipeline's labeling: the task prompt as is, the teacher's chain as the answer.
+    """The demo pipeline's labeling: the task's turns as is, the teacher's chain as the answer.
 
     The teacher sees only the prompt, never the reference. Writes ``out_path`` (and its rejects
     next to it); resumes a killed run. Batches are the teacher's own ``batch_size``.
     """
     out_path = Path(out_path)
     cfg = LabelingConfig(chain_of_thought=False, require_answer=False, drop_truncated=False)
-    seeds = [Seed(p.id, p.prompt, None) for p in problems]
+    # the task's turns (Problem.messages), without the reference: the teacher must not lean on it
+    seeds = [replace(seed, reference=None) for seed in task_seeds(problems)]
     path, _ = run_labeling(seeds, teacher, cfg, params, out_path.parent,
                            phase=out_path.name.removesuffix(".jsonl"), show_progress=show_progress)
     return path

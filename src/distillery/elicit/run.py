@@ -25,7 +25,6 @@ from distillery.config import ConfigError, config_hash, dump_config
 from distillery.elicit.config import GenerateJobConfig
 from distillery.elicit.context import ElicitContext, MethodResult
 from distillery.elicit.curation import run_curation
-from distillery.elicit.engine import ResponseCache
 from distillery.elicit.expansion import run_expansion
 from distillery.elicit.feedback import run_feedback
 from distillery.elicit.filters import FilterReport, run_filters
@@ -33,6 +32,8 @@ from distillery.elicit.seeds import load_seeds
 from distillery.elicit.self_knowledge import run_self_knowledge
 from distillery.records import read_jsonl, write_json_atomic, write_jsonl_atomic
 from distillery.teachers import Teacher, build_teacher
+from distillery.teachers.base import TeacherError
+from distillery.teachers.phases import ResponseCache
 
 console = Console(stderr=True)
 
@@ -113,7 +114,8 @@ def run_generate(cfg: GenerateJobConfig, show_progress: bool = True,
     cache = ResponseCache(Path(cfg.cache_path) if cfg.cache_path else work / "cache.sqlite") if cfg.cache else None
     ctx = ElicitContext(seeds=seeds, teacher=teacher, params=cfg.sampling.params(cfg.labeling.samples),
                         work_dir=work, labeling=cfg.labeling, filters=cfg.filters, student=student,
-                        cache=cache, show_progress=show_progress)
+                        cache=cache, show_progress=show_progress,
+                        grader=cfg.seeds.task.grader if cfg.seeds is not None and cfg.seeds.task is not None else None)
     try:
         result = runner(ctx) if method_cfg is None else runner(ctx, method_cfg)
     finally:
@@ -127,7 +129,27 @@ def run_generate(cfg: GenerateJobConfig, show_progress: bool = True,
         summary["tokens"]["student"] = {"prompt": student.stats.prompt_tokens,
                                         "completion": student.stats.tokens}
     write_json_atomic(out / "summary.json", summary)
+    _check_failures(cfg, result, out)
     return summary
+
+
+def _check_failures(cfg: GenerateJobConfig, result: MethodResult, out: Path) -> None:
+    """Raise when more than ``max_failure_rate`` of the requests got no answer (always when
+    none got one), after every file is written: what succeeded is kept, and a re-run sends the
+    retryable failures again."""
+    total = sum(p.total for p in result.phases)
+    failed = sum(p.failed for p in result.phases)
+    if failed == 0 or (failed < total and failed / total <= cfg.max_failure_rate):
+        return
+    retryable = sum(p.retryable for p in result.phases)
+    what = (f"none of the {total} requests got an answer" if failed == total else
+            f"{failed} of {total} requests ({failed / total:.0%}) got no answer, more than "
+            f"max_failure_rate={cfg.max_failure_rate:g}")
+    raise TeacherError(
+        f"teacher {cfg.teacher.model}: {what}. The reasons are in {out / 'rejects.jsonl'}; "
+        f"{retryable} of the failures are retryable (server down, timeouts, 5xx, 429): run the "
+        "same command again to retry them. The records made so far are kept in "
+        f"{out / 'records.jsonl'}.")
 
 
 def _finish(cfg: GenerateJobConfig, result: MethodResult, eval_texts: list[str] | None, out: Path) -> dict:
@@ -142,7 +164,8 @@ def _finish(cfg: GenerateJobConfig, result: MethodResult, eval_texts: list[str] 
     for kind, path in (("records", result.records), ("preferences", result.preferences)):
         if path is None:
             continue
-        report: FilterReport = run_filters(read_jsonl(path), cfg.filters, eval_texts)
+        grader = cfg.seeds.task.grader if cfg.seeds is not None and cfg.seeds.task is not None else None
+        report: FilterReport = run_filters(read_jsonl(path), cfg.filters, eval_texts, grader)
         write_jsonl_atomic(out / f"{kind}.jsonl", report.kept)
         rejects += [{"id": r["record"].get("id"), "stage": f"filter:{r['filter']}", "reason": r["reason"],
                      "record": r["record"]} for r in report.rejected]

@@ -11,12 +11,17 @@ import hashlib
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from distillery.config import TaskConfig
+from distillery.errors import DistilleryError
 from distillery.records import iter_jsonl
 
+if TYPE_CHECKING:
+    from distillery.tasks import Problem
 
-class SeedError(ValueError):
+
+class SeedError(DistilleryError, ValueError):
     """A seed file that cannot be read, naming the file and line."""
 
 
@@ -28,6 +33,14 @@ class Seed:
     prompt: str
     reference: str | None = None
     extra: dict = field(default_factory=dict)  # anything else on the line (topic, ...)
+    system: str | None = None  # the task's system prompt, for seeds drawn from a task
+
+
+def prompt_turns(user: str, system: str | None) -> list[dict[str, str]]:
+    """The prompt turns of a record made from a seed: its system turn (if any), then ``user``
+    (the seed's prompt, or the instruction sent when a method keeps it)."""
+    return [*([{"role": "system", "content": system}] if system else []),
+            {"role": "user", "content": user}]
 
 
 def seed_id(text: str) -> str:
@@ -82,5 +95,16 @@ def load_seeds(task: TaskConfig | None, path: str | None, split: str, num: int |
         raise SeedError("seeds: give seeds.path (a JSONL file) or seeds.task (a task config)")
     from distillery.tasks import load_problems
 
-    problems = load_problems(task, split, num or 1000, seed=seed)
-    return [Seed(p.id, p.prompt, p.reference) for p in problems]
+    return task_seeds(load_problems(task, split, num or 1000, seed=seed))
+
+
+def task_seeds(problems: list[Problem]) -> list[Seed]:
+    """Seeds of task problems that carry the task's turns (``Problem.messages``): the prompt is
+    the rendered user turn and ``system`` the system turn, so the records made from them hold
+    exactly what evaluation sends for the same problem."""
+    seeds = []
+    for p in problems:
+        system = next((m["content"] for m in p.messages if m["role"] == "system"), None)
+        user = next(m["content"] for m in p.messages if m["role"] == "user")
+        seeds.append(Seed(p.id, user, p.reference, dict(p.extra), system))
+    return seeds

@@ -7,11 +7,11 @@ by how often the student solves them (pass-rate filtering), and, as in STaR (Zel
 (or the teacher) is shown the reference answer as a hint and asked to explain it; the
 explanation is kept only when its final answer verifies, and the hint never reaches the record.
 
-Phases (each through :func:`~distillery.elicit.engine.run_phase`, so resumable and cached):
+Phases (each through :func:`~distillery.teachers.phases.run_phase`, so resumable and cached):
 
 1. ``self_knowledge_samples``: one request per problem to ``ctx.student``, ``k`` samples. Each
    sample is a record; with ``verifier: reference`` it carries ``meta.correct`` and
-   ``meta.parsed_answer`` (final answer extracted, compared with ``answers_equivalent``).
+   ``meta.parsed_answer`` (final answer extracted, graded by the task's grader, :mod:`distillery.answers`).
 2. ``self_knowledge_verdicts`` (``verifier: teacher``): one request per sample to the teacher,
    parsed as ``Verdict: correct|incorrect``; unparsable verdicts are rejects.
 3. ``self_knowledge_rationales`` (``rationalize``): one request per problem with no correct
@@ -22,7 +22,6 @@ Phases (each through :func:`~distillery.elicit.engine.run_phase`, so resumable a
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -32,14 +31,12 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from distillery.answers import GradeItem, GraderOptions, build_grader
+from distillery.chat import builtin, render
 from distillery.config import StrictModel
 from distillery.elicit.context import ElicitContext, MethodResult
-from distillery.elicit.engine import MalformedOutput, Outcome, PhaseSummary, run_phase
-from distillery.elicit.filters import answers_equivalent, extract_final_answer
-from distillery.elicit.labeling import parse_answer
-from distillery.elicit.seeds import Seed
-from distillery.elicit.templates import builtin, render
-from distillery.records import read_jsonl, sft_record, write_jsonl_atomic
+from distillery.elicit.seeds import Seed, prompt_turns
+from distillery.records import prompt_of, sft_record, write_jsonl_atomic
 from distillery.teachers.base import (
     Generation,
     GenerationRequest,
@@ -47,6 +44,8 @@ from distillery.teachers.base import (
     SamplingParams,
     Teacher,
 )
+from distillery.teachers.phases import MalformedOutput, Outcome, PhaseSummary, read_phase, run_phase
+from distillery.teachers.replies import json_objects
 
 METHOD = "self_knowledge"
 
@@ -64,8 +63,8 @@ class SelfKnowledgeConfig(StrictModel):
     template: str | None = None
     keep_instruction: bool = False  # the record's user turn is the templated prompt
     verifier: Literal["reference", "teacher"] = "reference"
-    # a regex whose group "answer" (or 1) is the final answer; default: "Final answer:",
-    # \boxed{..}, "#N", "The answer is N", "answer: X"
+    # a regex whose group "answer" (or 1) is the final answer; default: the task grader's own
+    # reading (distillery.answers: \boxed{..}, "Final answer:", "The answer is N", "#N", ...)
     answer_pattern: str | None = None
     # teacher verifier: Jinja2 text or @file; variables: prompt, answer, reference (None if unknown)
     verify_template: str | None = None
@@ -98,18 +97,13 @@ class SelfKnowledgeConfig(StrictModel):
 # --------------------------------------------------------------------------- shared helpers
 
 
-def final_answer(text: str, pattern: str | None = None) -> str | None:
-    """The final answer of a text: :func:`parse_answer`, then the filters' extraction."""
-    answer = parse_answer(text, pattern)[1]
-    if answer is None and pattern is None:
-        answer = extract_final_answer(text)
-    return answer
-
-
-def verify_answer(text: str, reference: str, pattern: str | None = None) -> tuple[bool, str | None]:
-    """(correct, extracted answer) of ``text`` against ``reference``."""
-    answer = final_answer(text, pattern)
-    return answer is not None and answers_equivalent(answer, reference), answer
+def verify_answer(text: str, reference: str, pattern: str | None = None,
+                  grader: GraderOptions | None = None) -> tuple[bool, str | None]:
+    """(correct, extracted answer) of ``text`` against ``reference``, graded by
+    :mod:`distillery.answers` with the seeds' task grader (None: ``symbolic``, which suits
+    references of any kind); ``pattern`` reads the answer instead of the grader's extractor."""
+    result = build_grader(grader or "symbolic", answer_pattern=pattern).grade(GradeItem(text, str(reference)))
+    return result.correct, result.answer
 
 
 
@@ -117,11 +111,6 @@ def verify_answer(text: str, reference: str, pattern: str | None = None) -> tupl
 def clean_meta(meta: dict) -> dict:
     """A phase record's meta without the engine's bookkeeping (request_id, outputs)."""
     return {k: v for k, v in meta.items() if k not in ("request_id", "outputs")}
-
-
-def read_phase(path: Path, key: Callable[[dict], object] | None = None) -> list[dict]:
-    rows = read_jsonl(path) if path.exists() else []
-    return sorted(rows, key=key) if key else rows
 
 
 def student_prompt(seed: Seed, template: str | None, label: str) -> str:
@@ -133,9 +122,9 @@ def sample_requests(seeds: list[Seed], params: SamplingParams, template: str | N
     """One request per seed (``params.n`` samples); meta keeps the seed and its order."""
     for index, seed in enumerate(seeds):
         yield GenerationRequest(
-            f"{phase}:{seed.id}", [{"role": "user", "content": student_prompt(seed, template, label)}],
+            f"{phase}:{seed.id}", prompt_turns(student_prompt(seed, template, label), seed.system),
             params, meta={"seed_id": seed.id, "index": index, "prompt": seed.prompt,
-                          "reference": seed.reference})
+                          "system": seed.system, "reference": seed.reference})
 
 
 def sample_handler(method: str, writer: str, keep_instruction: bool,
@@ -148,7 +137,8 @@ def sample_handler(method: str, writer: str, keep_instruction: bool,
         for j, g in enumerate(result.generations):
             extra = annotate(req.meta, g) if annotate else {}
             out.records.append(sft_record(
-                f"{req.meta['seed_id']}-s{j}", user, g.text.strip(), req.meta["reference"],
+                f"{req.meta['seed_id']}-s{j}", prompt_turns(user, req.meta["system"]), g.text.strip(),
+                req.meta["reference"],
                 method=method, teacher=writer, seed_id=req.meta["seed_id"],
                 sampling=req.params.to_dict(), index=req.meta["index"], sample=j,
                 finish_reason=g.finish_reason, tokens=g.num_tokens, **extra))
@@ -201,21 +191,6 @@ def parse_verdict(text: str) -> bool:
     raise MalformedOutput(f"no verdict (correct/incorrect) in the verifier's reply: {text[:80]!r}")
 
 
-def json_objects(text: str) -> Iterator[dict]:
-    """The JSON objects embedded in a text (in fences or not), first to last."""
-    decoder = json.JSONDecoder()
-    i = text.find("{")
-    while i >= 0:
-        try:
-            obj, end = decoder.raw_decode(text, i)
-        except ValueError:
-            i = text.find("{", i + 1)
-            continue
-        if isinstance(obj, dict):
-            yield {str(k).lower(): v for k, v in obj.items()}
-        i = text.find("{", end)
-
-
 # --------------------------------------------------------------------------- phases
 
 
@@ -229,7 +204,7 @@ def _verdict_requests(samples: list[dict], cfg: SelfKnowledgeConfig, params: Sam
     template = cfg.verify_template or builtin("self_knowledge_verify")
     for s in samples:
         reference = s["reference"] if cfg.verify_with_reference else None
-        text = render(template, "self_knowledge.verify_template", prompt=s["messages"][0]["content"],
+        text = render(template, "self_knowledge.verify_template", prompt=prompt_of(s),
                       answer=s["messages"][-1]["content"], reference=reference)
         yield GenerationRequest(f"{phase}:{s['id']}", [{"role": "user", "content": text}], params,
                                 meta={"sample_id": s["id"], "seed_id": s["meta"]["seed_id"]})
@@ -251,10 +226,10 @@ def _rationale_requests(todo: list[Seed], cfg: SelfKnowledgeConfig, params: Samp
                       reference=seed.reference)
         yield GenerationRequest(f"{phase}:{seed.id}", [{"role": "user", "content": text}], params,
                                 meta={"seed_id": seed.id, "index": index[seed.id], "prompt": seed.prompt,
-                                      "sent": prompt, "reference": seed.reference})
+                                      "system": seed.system, "sent": prompt, "reference": seed.reference})
 
 
-def _rationale_handler(cfg: SelfKnowledgeConfig, writer: str) -> Callable:
+def _rationale_handler(cfg: SelfKnowledgeConfig, writer: str, grader: GraderOptions | None = None) -> Callable:
     def handle(result: GenerationResult) -> Outcome:
         req, out = result.request, Outcome()
         ref = req.meta["reference"]
@@ -264,13 +239,14 @@ def _rationale_handler(cfg: SelfKnowledgeConfig, writer: str) -> Callable:
                 out.rejects.append((f"truncated: rationalization stopped at max_new_tokens "
                                     f"({g.num_tokens} tokens)", g.text))
                 continue
-            ok, answer = verify_answer(g.text, ref, cfg.answer_pattern)
+            ok, answer = verify_answer(g.text, ref, cfg.answer_pattern, grader)
             if not ok:
                 out.rejects.append((f"rationalization_wrong: answer {answer!r} does not verify "
                                     f"against reference {ref!r}", g.text))
                 continue
             out.records.append(sft_record(
-                f"{req.meta['seed_id']}-r{j}", user, g.text.strip(), ref, method=METHOD, teacher=writer,
+                f"{req.meta['seed_id']}-r{j}", prompt_turns(user, req.meta["system"]), g.text.strip(), ref,
+                method=METHOD, teacher=writer,
                 seed_id=req.meta["seed_id"], sampling=req.params.to_dict(), index=req.meta["index"],
                 sample=j, finish_reason=g.finish_reason, tokens=g.num_tokens, parsed_answer=answer,
                 correct=True, rationalized=True))
@@ -375,13 +351,14 @@ def run_self_knowledge(ctx: ElicitContext, cfg: SelfKnowledgeConfig) -> MethodRe
         seeds, unreferenced = list(ctx.seeds), []
     index = {s.id: i for i, s in enumerate(seeds)}
 
+    grader = build_grader(ctx.grader or "symbolic", answer_pattern=cfg.answer_pattern)
+
     def annotate(meta: dict, g: Generation) -> dict:
         truncated = cfg.drop_truncated and g.finish_reason == "length"
-        answer = final_answer(g.text, cfg.answer_pattern)
-        out = {"parsed_answer": answer, "verifier": cfg.verifier}
+        result = grader.grade(GradeItem(g.text, str(meta["reference"] or "")))
+        out = {"parsed_answer": result.answer, "verifier": cfg.verifier}
         if cfg.verifier == "reference":
-            out["correct"] = (not truncated and answer is not None
-                              and answers_equivalent(answer, meta["reference"]))
+            out["correct"] = not truncated and result.correct
         return out
 
     phase = f"{METHOD}_samples"
@@ -417,7 +394,7 @@ def run_self_knowledge(ctx: ElicitContext, cfg: SelfKnowledgeConfig) -> MethodRe
         phase = f"{METHOD}_rationales"
         rpath, summary = run_phase(
             phase, _rationale_requests(todo, cfg, params, phase, index), writer,
-            _rationale_handler(cfg, writer.name), work, total=len(todo), **common)
+            _rationale_handler(cfg, writer.name, ctx.grader), work, total=len(todo), **common)
         phases.append(summary)
         rationales = read_phase(rpath)
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from distillery.config import EvalJobConfig, dump_config
+from distillery.errors import MissingInputError
 from distillery.evaluate.stages import (
     compare_models,
     console,
@@ -29,7 +30,7 @@ def _model_dirs(cfg: EvalJobConfig) -> dict[str, tuple[Path, str]]:
     missing = {n: d for n, d in cfg.models.items() if not (Path(d) / "config.json").is_file()}
     if missing:
         name, d = next(iter(missing.items()))
-        raise FileNotFoundError(f"models.{name}: {d} is not a Hugging Face model directory (no config.json)")
+        raise MissingInputError(f"models.{name}: {d} is not a Hugging Face model directory (no config.json)")
     ref = cfg.reference_name
     order = [ref] + [n for n in cfg.models if n != ref]
     return {n: (Path(cfg.models[n]), dir_fingerprint(cfg.models[n])) for n in order}
@@ -39,7 +40,7 @@ def run_eval_job(cfg: EvalJobConfig) -> dict:
     """Evaluate every model of ``cfg.models`` into ``cfg.output_dir``; returns metrics.json's content."""
     for path in cfg.train_paths:
         if not Path(path).is_file():
-            raise FileNotFoundError(f"train_data: {path} not found (JSONL records for the contamination check)")
+            raise MissingInputError(f"train_data: {path} not found (JSONL records for the contamination check)")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))

@@ -1,14 +1,14 @@
 """LLM-as-judge through any :class:`~distillery.teachers.base.Teacher`: grades and win rates.
 
 Two ways to judge, both as phases of the elicitation engine
-(:func:`~distillery.elicit.engine.run_phase`): every judge call is written to
+(:func:`~distillery.teachers.phases.run_phase`): every judge call is written to
 ``<out_dir>/<name>.jsonl`` as it completes and answered from a
-:class:`~distillery.elicit.engine.ResponseCache` when it was paid for before, so a re-run costs
+:class:`~distillery.teachers.phases.ResponseCache` when it was paid for before, so a re-run costs
 no judge calls and a killed run resumes where it stopped.
 
 - **Pointwise** (:func:`grade_pointwise`): the judge rates one answer on ``1..max_score`` with a
   rationale (MT-Bench's single-answer grading); items with a reference get the reference-guided
-  template. Replies are read by :func:`~distillery.elicit.feedback.parse_grade`; a reply without
+  template. Replies are read by :func:`~distillery.teachers.replies.parse_grade`; a reply without
   a score gives ``score=None`` and is counted, never guessed.
 - **Pairwise** (:func:`compare_pairwise`): the judge sees the same question with model A's and
   model B's answers and answers ``[[A]]``, ``[[B]]`` or ``[[C]]`` (tie). Every pair is judged
@@ -34,12 +34,21 @@ from typing import Literal
 
 import numpy as np
 
-from distillery.elicit.engine import MalformedOutput, Outcome, PhaseFiles, ResponseCache, run_phase
-from distillery.elicit.feedback import parse_grade
-from distillery.elicit.self_knowledge import json_objects, read_phase
-from distillery.elicit.templates import builtin, render
+from distillery.chat import builtin, render
+from distillery.config import ConfigError
+from distillery.errors import DataError
 from distillery.evaluate.stats import bootstrap_ci
+from distillery.records import RecordError
 from distillery.teachers.base import GenerationRequest, GenerationResult, SamplingParams, Teacher
+from distillery.teachers.phases import (
+    MalformedOutput,
+    Outcome,
+    PhaseFiles,
+    ResponseCache,
+    read_phase,
+    run_phase,
+)
+from distillery.teachers.replies import json_objects, parse_grade
 
 Verdict = Literal["A", "B", "tie"]  # the judge's verdict about *positions*
 PairOutcome = Literal["win", "loss", "tie", "inconsistent"]  # for model A, both orders combined
@@ -71,8 +80,8 @@ def as_items(rows: Iterable[JudgeItem | Mapping]) -> list[JudgeItem]:
     seen: set[str] = set()
     for item in items:
         if item.id in seen:
-            raise ValueError(f"judge items: id {item.id!r} appears twice; ids name the judge calls "
-                             "and must be unique")
+            raise RecordError(f"judge items: id {item.id!r} appears twice; ids name the judge calls "
+                              "and must be unique")
         seen.add(item.id)
     return items
 
@@ -80,21 +89,21 @@ def as_items(rows: Iterable[JudgeItem | Mapping]) -> list[JudgeItem]:
 def _item_from_dict(row: Mapping, index: int) -> JudgeItem:
     where = f"judge item {index} (id {row.get('id')!r})"
     if "id" not in row:
-        raise ValueError(f"{where}: no 'id' key; every item needs a unique id")
+        raise RecordError(f"{where}: no 'id' key; every item needs a unique id")
     if "messages" in row:
         msgs = row["messages"]
         user = [m["content"] for m in msgs if m.get("role") == "user"]
         reply = [m["content"] for m in msgs if m.get("role") == "assistant"]
         if not user or not reply:
-            raise ValueError(f"{where}: 'messages' needs a user and an assistant message")
+            raise RecordError(f"{where}: 'messages' needs a user and an assistant message")
         prompt, answer = user[-1], reply[-1]
     else:
         # evaluate_model's items hold both: "output" (the reply, what is judged) and "answer"
         # (what the extractor found in it, None when nothing)
         prompt, answer = row.get("prompt"), row["output"] if "output" in row else row.get("answer")
         if prompt is None or answer is None:
-            raise ValueError(f"{where}: needs 'prompt' and 'answer' (or 'output'), or 'messages'; "
-                             f"has {sorted(row)}")
+            raise RecordError(f"{where}: needs 'prompt' and 'answer' (or 'output'), or 'messages'; "
+                              f"has {sorted(row)}")
     return JudgeItem(str(row["id"]), str(prompt), str(answer), row.get("reference"))
 
 
@@ -114,9 +123,9 @@ def _judged(out_dir: str | Path, name: str, expected: list[str]) -> dict[str, di
         rows[f"{meta['item_id']}:{meta.get('order', '')}"] = row
     missing = sorted({k.rsplit(":", 1)[0] for k in expected if k not in rows})
     if missing:
-        raise ValueError(f"{files.records} is a finished judge phase without {len(missing)} of these "
-                         f"items (e.g. {missing[0]!r}): it judged other items. Use a new "
-                         "out_dir or name; a shared ResponseCache still skips the calls already paid for")
+        raise ConfigError(f"{files.records} is a finished judge phase without {len(missing)} of these "
+                          f"items (e.g. {missing[0]!r}): it judged other items. Use a new "
+                          "out_dir or name; a shared ResponseCache still skips the calls already paid for")
     return rows
 
 
@@ -274,14 +283,14 @@ def _pair_up(items_a: list[JudgeItem], items_b: list[JudgeItem]) -> list[tuple[J
     missing = [a.id for a in items_a if a.id not in by_id]
     extra = sorted(set(by_id) - {a.id for a in items_a})
     if missing or extra:
-        raise ValueError(f"pairwise judging needs the same item ids for both models: only in A "
-                         f"{missing[:5]}, only in B {extra[:5]}")
+        raise DataError(f"pairwise judging needs the same item ids for both models: only in A "
+                        f"{missing[:5]}, only in B {extra[:5]}")
     pairs = []
     for a in items_a:
         b = by_id[a.id]
         if a.prompt != b.prompt:
-            raise ValueError(f"item {a.id!r}: the two models answered different prompts "
-                             f"({a.prompt[:40]!r} vs {b.prompt[:40]!r})")
+            raise DataError(f"item {a.id!r}: the two models answered different prompts "
+                            f"({a.prompt[:40]!r} vs {b.prompt[:40]!r})")
         pairs.append((a, b))
     return pairs
 

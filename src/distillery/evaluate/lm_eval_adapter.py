@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from distillery.config import ConfigError
+from distillery.errors import MissingExtraError, MissingInputError
 from distillery.models import load_model, load_tokenizer
 
 __all__ = ["format_lm_eval", "lm_eval_metrics", "run_lm_eval"]
@@ -35,7 +37,7 @@ def _require_lm_eval() -> Any:
     try:
         import lm_eval
     except ImportError as exc:
-        raise ImportError(
+        raise MissingExtraError(
             f"the lm-evaluation-harness adapter needs the lm_eval package ({exc}): {INSTALL_HINT}"
         ) from None
     return lm_eval
@@ -61,7 +63,7 @@ def _task_manager(tasks: Sequence[str], include_path: str | None) -> Any:
 
     if include_path is not None:
         if not Path(include_path).is_dir():
-            raise FileNotFoundError(f"lm_eval include_path is not a directory: {include_path}")
+            raise MissingInputError(f"lm_eval include_path is not a directory: {include_path}")
         local = TaskManager(include_path=include_path, include_defaults=False)
         if all(local.match_tasks([t]) for t in tasks):
             return local
@@ -69,7 +71,7 @@ def _task_manager(tasks: Sequence[str], include_path: str | None) -> Any:
     unknown = [t for t in tasks if not manager.match_tasks([t])]
     if unknown:
         where = f" or in {include_path}" if include_path else " (give include_path for local task YAMLs)"
-        raise ValueError(f"unknown lm-eval task(s) {unknown}: not among lm-eval's tasks{where}")
+        raise ConfigError(f"unknown lm-eval task(s) {unknown}: not among lm-eval's tasks{where}")
     return manager
 
 

@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field
 from itertools import combinations
 from typing import Any, Literal
 
-from distillery.elicit.filters import _tokens, record_text
 from distillery.evaluate.stats import items_needed, min_detectable_difference
+from distillery.records import record_text, word_tokens
 
 Severity = Literal["ok", "warning"]
 
@@ -60,7 +60,7 @@ def _eval_grams(text: str, n: int) -> set[tuple[str, ...]]:
     """The word n-grams of an eval text, with the decontamination filter's rule for short
     texts: one shorter than ``n`` tokens is a single gram of its own length (so a short
     arithmetic problem counts as contaminated when it appears whole in the training data)."""
-    toks = _tokens(text)
+    toks = word_tokens(text)
     size = min(n, len(toks))
     return {tuple(toks[i : i + size]) for i in range(len(toks) - size + 1)} if toks else set()
 
@@ -83,7 +83,7 @@ def ngram_overlap(train_texts: Iterable[str], eval_texts: Sequence[str], n: int 
             wanted.setdefault(len(gram), set()).add(gram)
     found: set[tuple[str, ...]] = set()
     for text in train_texts:
-        toks = _tokens(text)
+        toks = word_tokens(text)
         for size, grams in wanted.items():
             found.update(g for i in range(len(toks) - size + 1) if (g := tuple(toks[i : i + size])) in grams)
     return [len(grams & found) / len(grams) if grams else 0.0 for grams in per_item]

@@ -13,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 
+from distillery.errors import DataError, MissingInputError
 from distillery.evaluate.lm_eval_adapter import format_lm_eval  # noqa: E402
 from distillery.evaluate.pitfalls import Pitfall, format_pitfalls, run_pitfall_checks  # noqa: E402
 from distillery.evaluate.stats import bootstrap_ratio  # noqa: E402
@@ -423,11 +424,11 @@ def build_report(run_dir: str | Path, header: str | None = None, resamples: int 
     run_dir = Path(run_dir)
     path = run_dir / "metrics.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: give a run directory that `distillery run` wrote")
+        raise MissingInputError(f"{path} not found: give a run directory that `distillery run` wrote")
     metrics = json.loads(path.read_text())
     reference = metrics.get("reference", "teacher")
     if reference not in metrics.get("models", {}):
-        raise ValueError(f"{path} has no models.{reference} entry: the scorecard compares the other models to it")
+        raise DataError(f"{path} has no models.{reference} entry: the scorecard compares the other models to it")
     items = load_items(run_dir, list(metrics["models"]))
     card = scorecard(metrics["models"], items, metrics.get("comparisons"), teacher=reference,
                      resamples=resamples, seed=seed)

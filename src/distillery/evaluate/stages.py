@@ -24,6 +24,7 @@ from pathlib import Path
 from rich.console import Console
 
 from distillery.config import EvalConfig, TaskConfig, config_hash
+from distillery.evaluate.grading import judge_teacher, task_grader
 from distillery.evaluate.report import NOTES_FILE, build_report, write_metrics
 from distillery.evaluate.run import evaluate_model, probe_speed
 from distillery.evaluate.stats import bootstrap_ratio, paired_bootstrap_diff
@@ -75,6 +76,7 @@ def evaluate_all(
     """
     problems = load_problems(task, "eval", cfg.num_problems, seed=cfg.seed)
     results: dict[str, dict] = {}
+    judges: list = []  # the judge grader's model, built once and only when a model is graded
     for name, (model_dir, model_fp) in models.items():
         path = run_dir / "eval" / f"{name}.json"
         fp = accuracy_fingerprint(task, cfg, model_fp)
@@ -86,7 +88,10 @@ def evaluate_all(
             res.update(probe_speed(teacher, problems, cfg))
         else:
             console.rule(f"evaluate {name} on {len(problems)} held-out problems")
-            res = evaluate_model(teacher, problems, cfg)
+            if not judges:
+                judges.append(judge_teacher(task.grader, cfg.judge.model if cfg.judge else None))
+            grader = task_grader(task.grader, judge=judges[0], model=teacher, problems=problems)
+            res = evaluate_model(teacher, problems, cfg, grader=grader)
             write_json_atomic(path, res)
             stage.finish(fp)
         results[name] = res
@@ -94,6 +99,8 @@ def evaluate_all(
             f"{name}: accuracy {res['accuracy']:.3f} [{res['ci95'][0]:.3f}, {res['ci95'][1]:.3f}], "
             f"{res['tokens_per_s']:.0f} tok/s at batch 1"
         )
+    for judge in judges:
+        getattr(judge, "close", lambda: None)()
     return results
 
 
@@ -101,7 +108,8 @@ def evaluate_all(
 
 
 def _flags(result: dict) -> list[float]:
-    return [float(i["correct"]) for i in result["items"]]
+    """Per item its score: 0/1, the mean over ``eval.samples`` answers, or token F1."""
+    return [float(i.get("score", i["correct"])) for i in result["items"]]
 
 
 def compare_models(
@@ -163,7 +171,6 @@ def judge_all(
     ``judge_pointwise``: per model the :func:`~distillery.evaluate.judge.grade_summary`. Empty
     without ``eval.judge``. Calls and verdicts live in ``eval/judge/``.
     """
-    from distillery.elicit.engine import ResponseCache
     from distillery.evaluate.judge import (
         compare_pairwise,
         grade_pointwise,
@@ -171,6 +178,7 @@ def judge_all(
         pairwise_summary,
     )
     from distillery.teachers import build_teacher
+    from distillery.teachers.phases import ResponseCache
 
     jc = cfg.judge
     if jc is None:

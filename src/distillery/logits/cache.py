@@ -11,13 +11,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from distillery.chat import IGNORE
+from distillery.errors import DistilleryError
 from distillery.logits.format import (
     FORMAT_VERSION,
     SUFFIX,
     ShardError,
     ShardReader,
     TopKExample,
-    _fsync_dir,
+    fsync_dir,
     write_shard,
 )
 
@@ -25,11 +29,19 @@ MANIFEST = "manifest.json"
 CAPTURE = "capture.json"  # the writer's settings, written first: a resume must match them
 
 
-class CacheMismatchError(ValueError):
+def stored_positions(labels: list[int]) -> np.ndarray:
+    """The positions a cache stores for one example ``[P]``: ``t`` where ``labels[t + 1]`` is
+    trained on (``!= IGNORE``). Capture writes these rows and training reads them back by the
+    same rule, so both sides agree without storing the positions."""
+    lab = np.asarray(labels)
+    return np.nonzero(lab[1:] != IGNORE)[0]
+
+
+class CacheMismatchError(DistilleryError, ValueError):
     """The cache does not fit the student (another tokenizer)."""
 
 
-class CacheError(ValueError):
+class CacheError(DistilleryError, ValueError):
     """A cache directory without a readable manifest, or of an unknown format version."""
 
 
@@ -78,7 +90,7 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _shard_name(i: int) -> str:
@@ -225,5 +237,5 @@ class LogitCache:
             raise CacheMismatchError(
                 f"cache {self.dir} was captured with tokenizer {self.manifest.tokenizer_hash}, "
                 f"the student's is {theirs}: the teacher's top-k ids index another vocabulary; "
-                f"use a cross-tokenizer objective (train.objective: cross_tokenizer) or capture "
+                f"use train.objective.cross_tokenizer (logit_kd across tokenizers) or capture "
                 f"again with the student's tokenizer")

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from distillery.errors import DistilleryError
+
 FORMAT_VERSION = 1
 MAGIC = b"DLLOGIT\x00"
 SUFFIX = ".dlc"
@@ -49,7 +51,7 @@ FLAG_OFFSETS = 1  # every example stores its tokens' character offsets (cross-to
 _KNOWN_FLAGS = FLAG_OFFSETS
 
 
-class ShardError(ValueError):
+class ShardError(DistilleryError, ValueError):
     """A shard file that is not one, is truncated or corrupt, or of an unknown version."""
 
 
@@ -101,10 +103,10 @@ class TopKExample:
         return cls(example_id, arr(token_ids), arr(topk.ids), arr(topk.logprobs), arr(tail))
 
     def to_topk(self) -> Any:
-        """As a :class:`distillery.losses.TeacherTopK` of torch tensors (ids int64)."""
+        """As a :class:`distillery.logits.topk.TeacherTopK` of torch tensors (ids int64)."""
         import torch
 
-        from distillery.losses import TeacherTopK
+        from distillery.logits.topk import TeacherTopK  # torch only when asked: format is numpy
 
         return TeacherTopK(torch.from_numpy(self.ids.astype(np.int64)),
                            torch.from_numpy(self.logprobs), torch.from_numpy(self.log_tail))
@@ -373,11 +375,13 @@ def write_shard(path: str | os.PathLike, examples: list[TopKExample], k: int, vo
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return offset + len(idx)
 
 
-def _fsync_dir(d: Path) -> None:
+def fsync_dir(d: Path) -> None:
+    """Flush directory ``d``'s entries, so a rename into it survives a crash (best effort:
+    some filesystems cannot open or fsync a directory)."""
     try:
         fd = os.open(d, os.O_RDONLY)
     except OSError:

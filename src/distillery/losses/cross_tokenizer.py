@@ -32,13 +32,13 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from distillery.logits.topk import teacher_log_tail as _floored_log_tail
 from distillery.losses.divergences import upcast
 from distillery.losses.forms import (
     mix_per_token,
     sparse_student_log_probs,
     sparse_teacher_log_probs,
 )
-from distillery.losses.forms import teacher_log_tail as _floored_log_tail
 from distillery.losses.terms import Term
 
 __all__ = [

@@ -32,23 +32,11 @@ import math
 import torch
 import torch.nn.functional as F
 
+from distillery.logits.topk import teacher_log_tail
 from distillery.losses.divergences import upcast
 from distillery.losses.terms import Term
 
 TAIL_POLICIES = ("renormalize", "tail_bucket", "uniform_tail")
-LOG_TAIL_FLOOR = -80.0
-
-
-def teacher_log_tail(
-    teacher_logprobs: torch.Tensor, teacher_log_tail: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Log of the teacher mass outside its top k, ``[...]``: the given one, else ``log(1 − Σ p_K)``;
-    floored at ``LOG_TAIL_FLOOR``."""
-    if teacher_log_tail is None:
-        top = torch.logsumexp(teacher_logprobs, dim=-1).clamp_max(0.0)
-        # log(1 − e^top) = log(−expm1(top)); −expm1 is accurate when top is close to 0
-        teacher_log_tail = torch.log(-torch.expm1(top))
-    return teacher_log_tail.clamp_min(LOG_TAIL_FLOOR)
 
 
 def _check_policy(policy: str) -> None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from distillery.logits.topk import TeacherTopK
 from distillery.losses.divergences import upcast
 from distillery.losses.forms import sparse_teacher_log_probs
 from distillery.losses.reduce import resolve_mask, token_weights
@@ -40,16 +41,6 @@ class TeacherLogits:
     """Teacher as full logits ``[batch, seq, vocab]`` or ``[tokens, vocab]``."""
 
     logits: torch.Tensor
-
-
-@dataclass
-class TeacherTopK:
-    """Teacher as top-k: ``ids``/``logprobs`` ``[batch, seq, k]`` (or ``[tokens, k]``), and the
-    log tail mass ``[batch, seq]`` (or ``[tokens]``), optional."""
-
-    ids: torch.Tensor
-    logprobs: torch.Tensor
-    log_tail: torch.Tensor | None = None
 
 
 @dataclass

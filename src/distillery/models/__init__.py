@@ -1,6 +1,7 @@
 """Causal LMs and tokenizers: load from a path or hub id, build small ones, save as HF dirs.
 
-LoRA/QLoRA adapters, gradient checkpointing and the final (merged) student: :mod:`.lora`.
+LoRA/QLoRA adapters, gradient checkpointing and the final (merged) student: :mod:`.lora`;
+writing a model directory (plain or base + adapter): :mod:`.saving`.
 """
 
 from distillery.models.loading import (
@@ -10,7 +11,6 @@ from distillery.models.loading import (
     load_tokenizer,
     read_meta,
     resolve_device,
-    save_model,
 )
 from distillery.models.lora import (
     apply_lora,
@@ -21,6 +21,7 @@ from distillery.models.lora import (
     load_model_for_training,
     prepare_for_training,
 )
+from distillery.models.saving import save_model
 from distillery.models.tokenizer import train_tokenizer
 from distillery.models.vocab import (
     TokenizerComparison,

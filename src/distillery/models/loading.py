@@ -1,4 +1,4 @@
-"""Load and save causal LMs and tokenizers through transformers, and build small ones."""
+"""Load causal LMs and tokenizers through transformers, and build small ones (saving: :mod:`.saving`)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,11 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from distillery.config import ModelConfig
+from distillery.config import ConfigError, ModelConfig
+from distillery.errors import MissingExtraError, MissingInputError
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# config dtype names -> torch dtypes (model.dtype "auto" keeps the checkpoint's own)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -43,15 +45,15 @@ def load_model(cfg: ModelConfig | str, **overrides: Any) -> PreTrainedModel:
     if isinstance(cfg, str):
         cfg = ModelConfig(path=cfg, **overrides)
     if cfg.path is None:
-        raise ValueError("load_model needs model.path (a local HF directory or a hub id)")
+        raise ConfigError("load_model needs model.path (a local HF directory or a hub id)")
     path = Path(cfg.path)
     if not path.exists() and (path.is_absolute() or cfg.path.startswith(".")):
-        raise FileNotFoundError(f"model directory not found: {cfg.path}")
+        raise MissingInputError(f"model directory not found: {cfg.path}")
     if (path / "adapter_config.json").is_file() and importlib.util.find_spec("peft") is None:
         # transformers would load the base weights alone, silently
-        raise ImportError(f"{cfg.path} is a LoRA student (base + adapter): loading it needs peft "
-                          "(pip install 'distillery[lora]')")
-    dtype = "auto" if cfg.dtype == "auto" else _DTYPES[cfg.dtype]
+        raise MissingExtraError(f"{cfg.path} is a LoRA student (base + adapter): loading it needs peft "
+                                "(pip install 'distillery[lora]')")
+    dtype = "auto" if cfg.dtype == "auto" else DTYPES[cfg.dtype]
     model = AutoModelForCausalLM.from_pretrained(
         cfg.path, dtype=dtype, trust_remote_code=cfg.trust_remote_code
     )
@@ -75,38 +77,8 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaFo
     )
     model = LlamaForCausalLM(config)
     if cfg.dtype not in ("float32", "auto"):
-        model = model.to(_DTYPES[cfg.dtype])
+        model = model.to(DTYPES[cfg.dtype])
     return model.to(resolve_device(cfg.device))
-
-
-def save_model(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    output_dir: str | Path,
-    meta: dict | None = None,
-    state_dict: dict | None = None,
-) -> Path:
-    """Save a plain HF directory (safetensors + tokenizer), loadable without distillery.
-
-    ``state_dict``: the weights to write instead of the model's own (e.g. gathered from FSDP
-    shards).
-
-    A peft model (LoRA, not merged) is saved as base weights + adapter, see
-    :func:`distillery.models.lora.save_peft_model`. ``meta`` (e.g. the training config) goes
-    to ``distillery.json`` beside the weights.
-    """
-    from distillery.models.lora import is_peft_model, save_peft_model
-
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if is_peft_model(model):
-        save_peft_model(model, out)
-    else:
-        model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
-    tokenizer.save_pretrained(out)
-    if meta is not None:
-        (out / "distillery.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-    return out
 
 
 def read_meta(model_dir: str | Path) -> dict:

@@ -24,18 +24,23 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from distillery.config import LoraConfig, ModelConfig
-from distillery.models.loading import _DTYPES, load_model, resolve_device
+from distillery.config import ConfigError, LoraConfig, ModelConfig
+from distillery.errors import DistilleryError, MissingExtraError
+from distillery.models.loading import DTYPES, load_model, resolve_device
 
 if TYPE_CHECKING:
     from peft import PeftModel
+
+
+class QLoRAUnavailableError(DistilleryError, RuntimeError):
+    """``lora.quantize: 4bit`` asked for where it cannot run (no bitsandbytes, no CUDA GPU)."""
 
 
 def _peft() -> Any:
     try:
         import peft
     except ImportError as exc:
-        raise ImportError("LoRA (train.lora) needs peft: pip install 'distillery[lora]'") from exc
+        raise MissingExtraError("LoRA (train.lora) needs peft: pip install 'distillery[lora]'") from exc
     return peft
 
 
@@ -73,7 +78,7 @@ def _check_target_modules(model: nn.Module, targets: list[str]) -> None:
             continue
         close = difflib.get_close_matches(target, linear, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        raise ValueError(
+        raise ConfigError(
             f"train.lora.target_modules: '{target}' matches no module of {type(model).__name__}. "
             f"{hint}Its linear layers are: {', '.join(linear)} (or use 'all-linear')"
         )
@@ -101,7 +106,7 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig, *, seed: int = 0) -> Pef
             return peft.get_peft_model(model, peft_cfg)
     except ImportError as exc:
         # peft >= 0.18 refuses an old torchao (torchtune 0.6 pins 0.10) for any LoRA layer
-        raise ImportError(
+        raise MissingExtraError(
             f"peft cannot create LoRA layers in this environment: {exc}. "
             "Upgrade torchao (pip install -U torchao) or uninstall it"
         ) from exc
@@ -122,7 +127,7 @@ def check_qlora_available(model_cfg: ModelConfig) -> None:
     if model_cfg.path is None:
         problems.append("no model.path (QLoRA quantizes a pretrained model)")
     if problems:
-        raise RuntimeError(
+        raise QLoRAUnavailableError(
             "QLoRA needs bitsandbytes and a CUDA GPU; found: " + "; ".join(problems)
             + "; use lora.quantize: none (plain LoRA)"
         )
@@ -136,7 +141,7 @@ def _load_4bit(model_cfg: ModelConfig, gradient_checkpointing: bool) -> PreTrain
     """
     from transformers import BitsAndBytesConfig
 
-    compute = torch.bfloat16 if model_cfg.dtype == "auto" else _DTYPES[model_cfg.dtype]
+    compute = torch.bfloat16 if model_cfg.dtype == "auto" else DTYPES[model_cfg.dtype]
     quant = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute,
@@ -189,8 +194,8 @@ def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
     """
     target = model.get_base_model() if is_peft_model(model) else model
     if not getattr(target, "supports_gradient_checkpointing", False):
-        raise ValueError(f"{type(target).__name__} does not support gradient checkpointing; "
-                         "set train.gradient_checkpointing: false")
+        raise ConfigError(f"{type(target).__name__} does not support gradient checkpointing; "
+                          "set train.gradient_checkpointing: false")
     kwargs = {"use_reentrant": False}
     if hasattr(target, "activation_checkpointing_enable"):  # transformers >= 5.x name
         target.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)

@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from distillery.config import ConfigError
+
 PAD, EOS, UNK = "<|pad|>", "<|end|>", "<|unk|>"
 USER, ASSISTANT, SYSTEM = "<|user|>", "<|assistant|>", "<|system|>"
 SPECIAL_TOKENS = [PAD, EOS, UNK, USER, ASSISTANT, SYSTEM]
@@ -88,7 +90,7 @@ def _unigram(texts: Iterable[str], vocab_size: int, split_digits: bool) -> Token
     """
     n_pieces = vocab_size - len(BYTE_PIECES)
     if n_pieces <= len(SPECIAL_TOKENS):
-        raise ValueError(
+        raise ConfigError(
             f"tokenizer.vocab_size={vocab_size} leaves no room for unigram pieces next to the "
             f"{len(BYTE_PIECES)} byte pieces and {len(SPECIAL_TOKENS)} special tokens; use at least "
             f"{len(BYTE_PIECES) + len(SPECIAL_TOKENS) + 1}"

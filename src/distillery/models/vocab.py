@@ -18,6 +18,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from distillery.errors import DistilleryError
+
 # Encoded by both tokenizers: if their vocabularies agree but these ids do not, a normalizer
 # or pre-tokenizer differs. Covers what tokenizers disagree on: case, accents and combining
 # marks, CJK, emoji, runs of whitespace, tabs/newlines, digits, a non-ASCII minus.
@@ -121,7 +123,7 @@ class TokenizerComparison:
     role_notes: list[str] = field(default_factory=list)
 
 
-class VocabMismatchError(ValueError):
+class VocabMismatchError(DistilleryError, ValueError):
     """Teacher and student token ids do not mean the same tokens."""
 
 
@@ -208,7 +210,7 @@ def require_shared_vocab(cmp: TokenizerComparison) -> int:
         f"teacher and student tokenizers differ ({cmp.reason}; teacher {cmp.teacher_size} ids, "
         f"student {cmp.student_size}); first differing ids: {shown or 'none in the vocabulary'}. "
         "Same-vocabulary logit distillation cannot compare them id by id: set "
-        "train.cross_tokenizer: {method: vocab_map|uld|hybrid} for logit_kd, or train with sft on "
+        "train.objective.cross_tokenizer: {method: vocab_map|uld|hybrid} for logit_kd, or train with sft on "
         "teacher-written data"
     )
 

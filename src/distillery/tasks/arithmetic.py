@@ -14,24 +14,41 @@ from __future__ import annotations
 
 import hashlib
 import random
-import re
 from collections.abc import Iterator
-from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from dataclasses import dataclass, field
+from typing import Any
 
-from distillery.config import TaskConfig, _as_range
+from distillery.config import TaskConfig, as_range
+from distillery.errors import DistilleryError
 
 _WORD_OPS = {"+": "add {n}", "-": "subtract {n}", "*": "multiply by {n}"}
 
 
+class TaskSpaceError(DistilleryError, RuntimeError):
+    """The task's settings admit fewer distinct problems than asked for; names the settings."""
+
+
 @dataclass(frozen=True)
 class Problem:
-    """One task item: the prompt shown to a model, its answer, and the canonical chain."""
+    """One task item: the prompt shown to a model, its answer, and the canonical chain.
+
+    ``extra``: the item's other fields (a JSONL task line's other keys), which a task's
+    ``prompt_template`` can use. ``messages``: the turns a model is sent for it, the task's
+    system prompt and rendered template (:func:`~distillery.tasks.load_problems` sets them
+    through :func:`distillery.chat.task_messages`); a problem made without a task gets its bare
+    prompt as the user turn.
+    """
 
     id: str
     prompt: str
     reference: str
     chain: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, hash=False)
+    messages: list[dict[str, str]] = field(default_factory=list, hash=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.messages:  # frozen: the default is set through object.__setattr__
+            object.__setattr__(self, "messages", [{"role": "user", "content": self.prompt}])
 
     def target(self, kind: str) -> str:
         """The assistant text a model is trained on: the full chain, or the answer alone."""
@@ -78,8 +95,8 @@ def split_of(canonical: str, eval_fraction: float) -> str:
 
 
 def _sample(rng: random.Random, cfg: TaskConfig) -> tuple[list[int], list[str]]:
-    lo_n, hi_n = _as_range(cfg.num_operands)
-    lo_d, hi_d = _as_range(cfg.digits)
+    lo_n, hi_n = as_range(cfg.num_operands)
+    lo_d, hi_d = as_range(cfg.digits)
     n = rng.randint(max(lo_n, 2), max(hi_n, 2))
     operands = []
     for _ in range(n):
@@ -102,7 +119,7 @@ def iter_problems(cfg: TaskConfig, split: str, seed: int) -> Iterator[Problem]:
         if canonical in seen or split_of(canonical, cfg.eval_fraction) != split:
             misses += 1
             if misses > 10_000 + 50 * len(seen):
-                raise RuntimeError(
+                raise TaskSpaceError(
                     f"the task space is exhausted after {len(seen)} distinct {split} problems: "
                     "raise task.digits or task.num_operands, or ask for fewer problems"
                 )
@@ -122,40 +139,3 @@ def generate_problems(cfg: TaskConfig, split: str, n: int, seed: int = 0) -> lis
     """``n`` distinct problems of ``split`` ('train' or 'eval')."""
     stream = iter_problems(cfg, split, seed)
     return [next(stream) for _ in range(n)]
-
-
-_HASH_ANSWER = re.compile(r"#\s*(-?\d[\d,]*(?:\.\d+)?)")
-_SAID_ANSWER = re.compile(r"answer is[:\s]*\$?\s*(-?[\d,]+(?:\.\d+)?)", re.IGNORECASE)
-
-
-def extract_answer(output: str) -> str | None:
-    """The final answer in a model's output, or None when the output holds no answer.
-
-    Accepts ``...;#132`` (the demo's format) and ``The answer is 132`` (a common free-text
-    format). Deliberately does not fall back to "the last number": a chain cut off mid-way
-    would then count as an answer, hiding a format failure behind a wrong answer.
-    """
-    if not isinstance(output, str):
-        return None
-    found = _HASH_ANSWER.findall(output) or _SAID_ANSWER.findall(output)
-    if not found:
-        return None
-    return normalize_answer(found[-1])
-
-
-def normalize_answer(text: str) -> str:
-    """Canonical text of an answer: numbers without commas/leading zeros/trailing '.0'."""
-    text = text.strip().replace(",", "").rstrip(".")
-    try:
-        return str(int(text))  # exact, however many digits
-    except ValueError:
-        pass
-    try:
-        value = Decimal(text)
-    except InvalidOperation:
-        return " ".join(text.lower().split())
-    if not value.is_finite():
-        return " ".join(text.lower().split())
-    if value == value.to_integral_value():
-        return str(int(value))
-    return format(value.normalize(), "f")

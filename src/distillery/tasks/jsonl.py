@@ -1,15 +1,17 @@
-"""A user's own task: a JSONL file of ``{"prompt", "reference"}`` records (optional "id")."""
+"""A user's own task: a JSONL file of ``{"prompt", "reference"}`` records (optional "id",
+"chain"; any other key is kept in ``Problem.extra`` for the task's ``prompt_template``)."""
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
 
+from distillery.errors import DistilleryError
 from distillery.records import iter_jsonl
 from distillery.tasks.arithmetic import Problem, split_of
 
 
-class TaskFileError(ValueError):
+class TaskFileError(DistilleryError, ValueError):
     """A task file that cannot be read, with the file and line that are wrong."""
 
 
@@ -28,8 +30,9 @@ def read_task_file(path: str | Path) -> list[Problem]:
         if rid in ids:
             raise TaskFileError(f"{path}:{lineno}: duplicate id {rid!r}")
         ids.add(rid)
+        extra = {k: v for k, v in rec.items() if k not in ("id", "prompt", "reference", "chain")}
         problems.append(Problem(id=rid, prompt=rec["prompt"], reference=str(rec["reference"]),
-                                chain=rec.get("chain")))
+                                chain=rec.get("chain"), extra=extra))
     if not problems:
         raise TaskFileError(f"{path}: no records")
     return problems

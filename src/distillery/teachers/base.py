@@ -18,6 +18,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
+from distillery.errors import DistilleryError
+
+
+class TeacherError(DistilleryError, RuntimeError):
+    """A teacher's requests failed after its retries (server down, model error); names the
+    teacher and the request, so the endpoint or model can be fixed and the job re-run."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -75,12 +82,20 @@ class GenerationRequest:
 
 @dataclass
 class GenerationResult:
-    """What came back for one request: ``params.n`` generations, or an error message."""
+    """What came back for one request: ``params.n`` generations, or an error message.
+
+    A failed request says whether another try may succeed (``retryable``: the server was down,
+    timed out, answered 5xx or 429 through every retry) or not (a 400, a prompt that does not
+    fit): a re-run of the phase sends the retryable ones again. ``error_kind`` becomes the
+    reject's reason (``teacher_error``, or ``too_long`` for a prompt longer than the context).
+    """
 
     request: GenerationRequest
     generations: list[Generation] = field(default_factory=list)
     error: str | None = None
     cached: bool = False
+    retryable: bool = False
+    error_kind: str = "teacher_error"
 
     @property
     def ok(self) -> bool:
@@ -126,6 +141,6 @@ def generate_via_stream(
     out: list[list[Generation] | None] = [None] * len(reqs)
     for res in teacher.stream(reqs):
         if res.error is not None:
-            raise RuntimeError(f"teacher {teacher.name}: request {res.request.id} failed: {res.error}")
+            raise TeacherError(f"teacher {teacher.name}: request {res.request.id} failed: {res.error}")
         out[int(res.request.id)] = res.generations
     return out  # type: ignore[return-value]

@@ -11,9 +11,9 @@ import torch
 from rich.progress import Progress
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from distillery.chat import prompt_text
 from distillery.config import ModelConfig
-from distillery.losses import TeacherTopK
-from distillery.losses.forms import teacher_log_tail
+from distillery.logits.topk import TeacherTopK, teacher_log_tail
 from distillery.models import load_model, load_tokenizer
 from distillery.teachers.base import (
     Generation,
@@ -22,7 +22,6 @@ from distillery.teachers.base import (
     GenerationStats,
     SamplingParams,
 )
-from distillery.train.data import prompt_text
 
 
 class HFTeacher:
@@ -104,20 +103,57 @@ class HFTeacher:
         return results
 
     def stream(self, requests: Iterable[GenerationRequest]) -> Iterator[GenerationResult]:
-        """Results batch by batch; consecutive requests with the same sampling share a batch."""
+        """Results batch by batch; consecutive requests with the same sampling share a batch.
+
+        Each prompt is measured before batching: one that fills the model's context (no room for
+        a single new token) fails alone with ``error_kind="too_long"``. A batch that raises all
+        the same is run again one request at a time, so one bad prompt fails only itself.
+        """
+        context = self.context_length()
         for params, group in groupby(requests, key=lambda r: r.params):
-            group = list(group)
-            for start in range(0, len(group), self.batch_size):
-                chunk = group[start : start + self.batch_size]
-                try:
-                    outs = self.generate([list(r.messages) for r in chunk], params)
-                except Exception as exc:  # a bad batch fails its requests, not the run
-                    for r in chunk:
-                        self.stats.failures += 1
-                        yield GenerationResult(r, error=f"{type(exc).__name__}: {exc}")
-                    continue
-                for r, gens in zip(chunk, outs):
-                    yield GenerationResult(r, gens)
+            fits = []
+            for r in group:
+                n = self.prompt_length(r.messages) if context is not None else 0
+                if context is not None and n >= context:
+                    self.stats.requests += 1
+                    self.stats.failures += 1
+                    yield GenerationResult(
+                        r, error=f"the prompt is {n} tokens, the model's context {context}: shorten "
+                                 "the prompt or use a model with a longer context", error_kind="too_long")
+                else:
+                    fits.append(r)
+            for start in range(0, len(fits), self.batch_size):
+                yield from self._run_batch(fits[start : start + self.batch_size], params)
+
+    def _run_batch(self, chunk: list[GenerationRequest], params: SamplingParams) -> Iterator[GenerationResult]:
+        try:
+            outs = self.generate([list(r.messages) for r in chunk], params)
+        except Exception as exc:  # a bad batch fails its requests, not the run
+            if len(chunk) > 1:  # find the request that broke it: the others still get answers
+                for r in chunk:
+                    yield from self._run_batch([r], params)
+                return
+            self.stats.requests += 1
+            self.stats.failures += 1
+            yield GenerationResult(chunk[0], error=f"{type(exc).__name__}: {exc}")
+            return
+        for r, gens in zip(chunk, outs):
+            yield GenerationResult(r, gens)
+
+    def context_length(self) -> int | None:
+        """The most tokens the model takes (its position table, or the tokenizer's
+        ``model_max_length`` when smaller and set); None when neither says."""
+        cfg = self.model.config
+        limits = [getattr(cfg, key, None) for key in ("max_position_embeddings", "n_positions")]
+        limits.append(getattr(self.tokenizer, "model_max_length", None))
+        # tokenizers without a limit report int(1e30)
+        known = [v for v in limits if isinstance(v, int) and 0 < v < 10**9]
+        return min(known, default=None)
+
+    def prompt_length(self, messages: Iterable[dict]) -> int:
+        """Tokens of a conversation's prompt, rendered as :meth:`generate` renders it."""
+        text = prompt_text(list(messages), self.tokenizer)
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def logprobs(self, token_ids: list[list[int]], k: int, temperature: float = 1.0,
                  batch_size: int | None = None) -> list[TeacherTopK]:

@@ -24,7 +24,9 @@ How one request travels:
    Other 4xx (400, 401, 403, 404, 422, ...) fail the request at once with the server's message.
 6. **Result**: a valid response without ``choices``, or with a number of choices other than
    ``n``, fails the request (no retry: the server would answer the same). A failed request is a
-   :class:`GenerationResult` with ``error`` set; ``stream`` never raises for one.
+   :class:`GenerationResult` with ``error`` set; ``stream`` never raises for one. When it failed
+   on a retryable error through every retry (server down, timeouts, 5xx, 429) it is marked
+   ``retryable``, so that a re-run of the phase sends it again; a 400 stays final.
 
 Token counts: ``usage.completion_tokens`` is a total over the ``n`` choices; it is split evenly
 over them (the remainder to the first ones). A server that reports no usage gets an estimate of
@@ -64,14 +66,15 @@ import torch
 import yarl
 from aiohttp.helpers import get_env_proxy_for_url
 
-from distillery.losses import TeacherTopK
-from distillery.losses.forms import teacher_log_tail
+from distillery.config import ConfigError
+from distillery.logits.topk import TeacherTopK, teacher_log_tail
 from distillery.teachers.base import (
     Generation,
     GenerationRequest,
     GenerationResult,
     GenerationStats,
     SamplingParams,
+    TeacherError,
     generate_via_stream,
 )
 
@@ -317,15 +320,18 @@ class _Session:
 
     async def _run(self, req: GenerationRequest) -> GenerationResult:
         content, tokens = self.body(req)
-        gens, error = await self.call(req.id, content, tokens, self.urls,
-                                      lambda data: self.parse(data, req.params))
-        return GenerationResult(req, gens or [], error=error)
+        gens, error, retryable = await self.call(req.id, content, tokens, self.urls,
+                                                 lambda data: self.parse(data, req.params))
+        return GenerationResult(req, gens or [], error=error, retryable=retryable)
 
     async def call(self, name: str, content: bytes, tokens: int, urls: dict[str, str],
-                   parse: Callable[[Any], Any]) -> tuple[Any, str | None]:
+                   parse: Callable[[Any], Any]) -> tuple[Any, str | None, bool]:
         """POST ``content`` with the slots, pacing, endpoint choice and retries; parse the reply.
 
-        Returns ``(parsed, None)`` or ``(None, error)``; ``urls`` maps a base URL to the full URL.
+        Returns ``(parsed, None, False)`` or ``(None, error, retryable)``: ``retryable`` when the
+        retries ran out on a failure that may pass (server down, timeout, 5xx, 429), not for one
+        a new try would repeat (400, a reply without choices); ``urls`` maps a base URL to the
+        full URL.
         """
         t = self.t
         stats = t.stats
@@ -347,11 +353,11 @@ class _Session:
                         stats.in_flight -= 1
                 ep.succeeded()
                 stats.requests += 1
-                return parsed, None
+                return parsed, None, False
             except _Fail as exc:
                 stats.requests += 1
                 stats.failures += 1
-                return None, self.scrub(str(exc))
+                return None, self.scrub(str(exc)), False
             except _Retry as exc:
                 if exc.url_failed:
                     ep.failed()
@@ -361,7 +367,9 @@ class _Session:
                     stats.requests += 1
                     stats.failures += 1
                     tries = attempt + 1
-                    return None, self.scrub(f"{exc} (gave up after {tries} attempt{'s' * (tries > 1)})")
+                    # a reply that stays malformed is the server's answer, not an outage
+                    return (None, self.scrub(f"{exc} (gave up after {tries} attempt{'s' * (tries > 1)})"),
+                            not exc.malformed)
                 attempt += 1
                 stats.retries += 1
                 avoid = ep
@@ -574,7 +582,7 @@ class OpenAITeacher:
             return None
         key = os.environ.get(self.api_key_env)
         if not key:
-            raise ValueError(f"environment variable {self.api_key_env} (teacher.api_key_env) is not set or empty")
+            raise ConfigError(f"environment variable {self.api_key_env} (teacher.api_key_env) is not set or empty")
         return key
 
     # -- calls -----------------------------------------------------------------------------
@@ -589,10 +597,10 @@ class OpenAITeacher:
         a sequence the server cannot score raises ``RuntimeError`` naming it.
         """
         if temperature != 1.0:
-            raise ValueError("servers return log-probs at temperature 1; capture at temperature 1 "
-                             "(the loss applies its own temperature)")
+            raise ConfigError("servers return log-probs at temperature 1; capture at temperature 1 "
+                              "(the loss applies its own temperature)")
 
-        async def run_all() -> list[tuple[Any, str | None]]:
+        async def run_all() -> list[tuple[Any, str | None, bool]]:
             session = _Session(self)
             try:
                 return await asyncio.gather(*(
@@ -604,9 +612,9 @@ class OpenAITeacher:
                 await session.aclose()
 
         out = []
-        for i, (top, error) in enumerate(asyncio.run(run_all())):
+        for i, (top, error, _retryable) in enumerate(asyncio.run(run_all())):
             if error is not None:
-                raise RuntimeError(f"teacher {self.name}: log-probs of sequence {i} failed: {error}")
+                raise TeacherError(f"teacher {self.name}: log-probs of sequence {i} failed: {error}")
             out.append(top)
         return out
 

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
+from distillery.errors import MissingExtraError
 from distillery.teachers.base import (
     Generation,
     GenerationRequest,
@@ -35,7 +36,7 @@ def _import_vllm() -> Any:
     try:
         import vllm
     except ImportError as exc:
-        raise ImportError(VLLM_MISSING) from exc
+        raise MissingExtraError(VLLM_MISSING) from exc
     return vllm
 
 

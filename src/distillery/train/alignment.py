@@ -21,11 +21,9 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from distillery.train.data import IGNORE, TemplateError, chat_pieces
+from distillery.chat import NO_SPAN, Span, tokenize_with_offsets
 
-Span = tuple[int, int]
 Group = tuple[list[int], list[int]]  # (student token indices, teacher token indices)
-NO_SPAN: Span = (-1, -1)  # a template or special token: no characters of a turn's content
 
 
 def _units(offsets: list[Span]) -> list[tuple[list[int], int]]:
@@ -98,8 +96,8 @@ class AlignedExample:
     """One conversation tokenized by the student and by the teacher, each with its own chat
     template, and the groups that align their assistant tokens.
 
-    ``*_input_ids`` / ``*_labels``: ``[seq]`` each, exactly what :func:`tokenize_messages` gives
-    that side. ``groups``: absolute token indices into each sequence, in order; per assistant
+    ``*_input_ids`` / ``*_labels``: ``[seq]`` each, exactly what
+    :func:`~distillery.chat.tokenize_messages` gives that side. ``groups``: absolute token indices into each sequence, in order; per assistant
     turn the groups of its content, then one group of the tokens that close the turn.
     ``*_offsets``: ``[seq]`` each, the token's ``(start, end)`` relative to its turn's content,
     ``(-1, -1)`` for template and special tokens (what a logit cache stores for the teacher).
@@ -114,52 +112,6 @@ class AlignedExample:
     teacher_offsets: list[Span]
 
 
-@dataclass
-class _Side:
-    """One tokenizer's view of a conversation; ``turns[i]``: (prefix, content, suffix) token
-    indices of assistant message ``i``."""
-
-    ids: list[int]
-    labels: list[int]
-    offsets: list[Span]
-    turns: dict[int, tuple[list[int], list[int], list[int]]]
-
-
-def _content_start(piece: str, content: str, index: int, tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
-    """Where the turn's content stands in its assistant piece: (start, length)."""
-    for text in (content, content.strip()):
-        at = piece.find(text)
-        if at >= 0:
-            return at, len(text)
-    raise TemplateError(
-        f"message {index}: the chat template of {tokenizer.name_or_path or type(tokenizer).__name__} "
-        f"does not render the assistant content as written (its piece is {piece[:80]!r}); "
-        "cross-tokenizer alignment needs a template that keeps the content verbatim"
-    )
-
-
-def _tokenize_side(messages: list[dict], tokenizer: PreTrainedTokenizerBase) -> _Side:
-    """Token ids and labels as :func:`tokenize_messages` makes them, plus per-token offsets
-    relative to each assistant turn's content and the turn's prefix/content/suffix tokens."""
-    side = _Side([], [], [], {})
-    for text, index, train in chat_pieces(messages, tokenizer):
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        base = len(side.ids)
-        side.ids.extend(enc["input_ids"])
-        side.labels.extend(enc["input_ids"] if train else [IGNORE] * len(enc["input_ids"]))
-        if not train:
-            side.offsets.extend([NO_SPAN] * len(enc["input_ids"]))
-            continue
-        at, n = _content_start(text, messages[index]["content"], index, tokenizer)
-        parts: tuple[list[int], list[int], list[int]] = ([], [], [])
-        for k, (s, e) in enumerate(enc["offset_mapping"]):
-            where = 0 if e <= at and s < at else 2 if s >= at + n else 1
-            parts[where].append(base + k)
-            side.offsets.append((max(s, at) - at, min(e, at + n) - at) if where == 1 else NO_SPAN)
-        side.turns[index] = parts
-    return side
-
-
 def align_messages(
     messages: list[dict], student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase, max_len: int
 ) -> AlignedExample:
@@ -171,7 +123,8 @@ def align_messages(
     some, else they stay out of the groups (they are still labeled). Sequences are cut to
     ``max_len`` from the right and groups reaching past the cut are dropped.
     """
-    student, teacher = _tokenize_side(messages, student_tok), _tokenize_side(messages, teacher_tok)
+    student = tokenize_with_offsets(messages, student_tok)
+    teacher = tokenize_with_offsets(messages, teacher_tok)
     groups: list[Group] = []
     for index, (s_pre, s_body, s_post) in student.turns.items():
         t_pre, t_body, t_post = teacher.turns[index]
@@ -191,13 +144,6 @@ def align_messages(
         student.offsets[:max_len],
         teacher.offsets[:max_len],
     )
-
-
-def content_offsets(messages: list[dict], tokenizer: PreTrainedTokenizerBase, max_len: int) -> list[Span]:
-    """Per token of :func:`tokenize_messages`' sequence ``[seq]``: its ``(start, end)`` in its
-    assistant turn's content, ``(-1, -1)`` for template and special tokens. What a logit cache
-    captured for a student with another tokenizer stores (``capture.offsets``)."""
-    return _tokenize_side(messages, tokenizer).offsets[:max_len]
 
 
 def _chain_end(example: AlignedExample, g_s: list[int], g_t: list[int]) -> tuple[int, bool]:

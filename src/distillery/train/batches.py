@@ -15,6 +15,9 @@ from functools import lru_cache
 
 import torch
 
+from distillery.config import ConfigError
+from distillery.errors import DataError
+
 
 @lru_cache(maxsize=4)
 def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
@@ -25,7 +28,7 @@ def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
 def global_batch(n: int, batch_size: int, seed: int, step: int) -> list[int]:
     """Dataset indices of optimizer step ``step``'s global batch (``step`` counts from 0)."""
     if n < 1:
-        raise ValueError("the training dataset is empty")
+        raise DataError("the training dataset is empty")
     out, pos = [], step * batch_size
     while len(out) < batch_size:
         epoch, offset = divmod(pos, n)
@@ -48,7 +51,7 @@ def micro_batches(
 def check_split(batch_size: int, world_size: int, grad_accum_steps: int) -> None:
     """Refuse a global batch that does not split evenly (uneven shares would change the step)."""
     if batch_size % (world_size * grad_accum_steps):
-        raise ValueError(
+        raise ConfigError(
             f"train.batch_size ({batch_size}) is the global batch of one optimizer step and must "
             f"divide evenly over {world_size} process(es) × {grad_accum_steps} micro-batch(es) "
             f"(train.grad_accum_steps); use a multiple of {world_size * grad_accum_steps}"

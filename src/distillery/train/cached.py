@@ -1,7 +1,7 @@
 """Training from a logit cache: records joined with their cached teacher top-k, by id.
 
 The cache was captured from the same records tokenized the same way (see
-:mod:`distillery.logits.capture`); every item is checked token for token against it, so a cache
+:mod:`distillery.capture`); every item is checked token for token against it, so a cache
 made from other data, another tokenizer or another ``max_seq_len`` is refused, never silently
 misaligned. Teacher rows are read lazily from the memory-mapped shards as items are drawn.
 """
@@ -15,10 +15,11 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from distillery.logits.cache import CacheMismatchError, LogitCache
-from distillery.logits.capture import stored_positions
-from distillery.losses.forms import LOG_TAIL_FLOOR
-from distillery.train.data import Collator, SFTDataset, tokenize_messages
+from distillery.chat import tokenize_messages
+from distillery.errors import DataError
+from distillery.logits.cache import CacheMismatchError, LogitCache, stored_positions
+from distillery.logits.topk import LOG_TAIL_FLOOR
+from distillery.train.data import Collator, SFTDataset
 
 
 class CachedSFTDataset(SFTDataset):
@@ -44,7 +45,7 @@ class CachedSFTDataset(SFTDataset):
                 f"{len(missing)} training records are not in the logit cache {cache.dir} "
                 f"(first: {missing[0]!r}): capture this dataset (distillery capture) with the same data")
         if not self.items:
-            raise ValueError("no record has an assistant token left after truncation to max_seq_len")
+            raise DataError("no record has an assistant token left after truncation to max_seq_len")
 
     def __getitem__(self, i: int) -> dict:
         item, rid = self.items[i], self.ids[i]

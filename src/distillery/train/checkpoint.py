@@ -30,10 +30,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from distillery.errors import DistilleryError
+
 PREFIX = "step_"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(DistilleryError, RuntimeError):
     """A checkpoint that cannot be resumed from (missing, corrupt, or from another run)."""
 
 

@@ -1,4 +1,5 @@
-"""``logit_kd`` across tokenizers: data, batches and the objective (``train.cross_tokenizer``).
+"""``logit_kd`` across tokenizers: data and batches (``train.objective.cross_tokenizer``; the objective
+is :class:`distillery.train.objectives.logit_kd.CrossTokenizerKDObjective`).
 
 Each record is tokenized twice, by the student and by the teacher, each with its own chat
 template (:func:`~distillery.train.alignment.align_messages`). Inside assistant turns the two
@@ -32,26 +33,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from distillery.config import CrossTokenizerConfig
-from distillery.logits.cache import CacheMismatchError, LogitCache
-from distillery.logits.capture import stored_positions
-from distillery.losses import LossSpec
-from distillery.losses.cross_tokenizer import (
-    cross_tokenizer_per_position,
-    map_teacher_to_student,
-    move_span_mass,
-    take_span_mass,
-)
-from distillery.losses.forms import cross_entropy_per_token
-from distillery.models.vocab import VocabMapping
+from distillery.errors import DataError
+from distillery.logits.cache import CacheMismatchError, LogitCache, stored_positions
 from distillery.train.alignment import AlignedExample, align_messages, group_starts
 from distillery.train.data import Collator
-from distillery.train.objectives import shifted_targets
-from distillery.train.packing import model_inputs
 
 SAME, CHAIN, COARSER = 0, 1, 2
 
@@ -114,7 +101,7 @@ class CrossTokenizerDataset(torch.utils.data.Dataset):
                             teacher_offsets=ex.teacher_offsets)
             self.items.append(item)
         if not self.items:
-            raise ValueError("no record has an assistant token left after truncation to max_seq_len")
+            raise DataError("no record has an assistant token left after truncation to max_seq_len")
 
     def _checked(self, item: dict) -> object:
         """The cached example of ``item``, decoded once and checked against the alignment's
@@ -207,95 +194,3 @@ class CrossTokenizerCollator(Collator):
                          xt_teacher_log_tail=torch.as_tensor(cat["log_tail"], dtype=torch.float32),
                          xt_log_mass=torch.as_tensor(cat["log_mass"], dtype=torch.float32))
         return batch
-
-
-class CrossTokenizerKDObjective:
-    """``logit_kd`` from a teacher with another tokenizer: see the module doc.
-
-    ``mapping`` carries teacher ids to student ids (:func:`distillery.models.vocab.build_vocab_mapping`);
-    ``spec`` gives the divergence mix, temperature and CE weight; ``cfg`` the method.
-    """
-
-    def __init__(self, spec: LossSpec, cfg: CrossTokenizerConfig, mapping: VocabMapping,
-                 cached: bool = False) -> None:
-        self.spec, self.cfg, self.mapping, self.cached = spec, cfg, mapping, cached
-        self.method = cfg.resolved_method
-        self.needs_teacher = not cached
-        self.trainable: list[nn.Module] = []
-
-    def _live_teacher_rows(self, batch: dict[str, torch.Tensor], teacher: nn.Module
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Teacher top-k (or all) log-probs at the compared rows ``[N, k]``, tail, chain log mass ``[N]``."""
-        device = next(teacher.parameters()).device
-        with torch.no_grad():
-            logits = teacher(input_ids=batch["teacher_input_ids"].to(device),
-                             attention_mask=batch["teacher_attention_mask"].to(device)).logits
-            rows = F.log_softmax(logits[batch["xt_row"].to(device), batch["xt_teacher_pos"].to(device)].float(), -1)
-            n = rows.shape[0]
-            # chain members: log P(actual token) at each, summed per compared row
-            pos_lp = F.log_softmax(logits[batch["xt_chain_row"].to(device), batch["xt_chain_pos"].to(device)].float(), -1)
-            member = pos_lp.gather(-1, batch["xt_chain_token"].to(device)[:, None])[:, 0]
-            log_mass = torch.zeros(n, device=device).index_add(0, batch["xt_chain_seg"].to(device), member)
-            has_chain = torch.zeros(n, dtype=torch.bool, device=device)
-            has_chain[batch["xt_chain_seg"].to(device)] = True
-            log_mass = torch.where(has_chain, log_mass, torch.full_like(log_mass, -float("inf")))
-            if self.cfg.top_k is not None and self.cfg.top_k < rows.shape[-1]:
-                lp, ids = rows.topk(self.cfg.top_k, dim=-1)
-                log_tail = torch.log1p(-lp.exp().sum(-1).clamp(max=1 - 1e-7))
-            else:
-                # the whole distribution: nothing outside it (a None tail would be read as 1 − Σp)
-                lp, ids = rows, torch.arange(rows.shape[-1], device=device).expand_as(rows)
-                log_tail = torch.full((n,), -float("inf"), device=device)
-        return ids, lp, log_tail, log_mass
-
-    def loss(self, batch: dict[str, torch.Tensor], student: nn.Module, teacher: nn.Module | None
-             ) -> tuple[torch.Tensor, dict[str, float]]:
-        s_logits = student(**model_inputs(batch)).logits
-        device = s_logits.device
-        targets, mask = shifted_targets(batch)
-        n_tokens = float(mask.sum())
-        if self.cached:
-            t_ids, t_lp = batch["xt_teacher_ids"], batch["xt_teacher_logprobs"]
-            t_tail, log_mass = batch["xt_teacher_log_tail"], batch["xt_log_mass"]
-        else:
-            if teacher is None:
-                raise ValueError("cross-tokenizer logit_kd needs a teacher model (or a logit cache)")
-            t_ids, t_lp, t_tail, log_mass = self._live_teacher_rows(batch, teacher)
-        t_ids, t_lp, log_mass = t_ids.to(device), t_lp.to(device), log_mass.to(device)
-        t_tail = t_tail.to(device)
-        s_rows = s_logits[batch["xt_row"], batch["xt_student_pos"]]
-        per_row, parts = self._divergence(s_rows, t_ids, t_lp, t_tail, log_mass, batch)
-        ce = cross_entropy_per_token(s_logits[:, :-1], targets)  # [batch, seq - 1]
-        compared = torch.zeros_like(mask)
-        compared[batch["xt_row"], batch["xt_student_pos"]] = True
-        weight = self.spec.resolved_ce_weight + self.spec.resolved_kd_weight * (~compared).to(ce.dtype)
-        ce_sum = ce[mask].sum()
-        loss = ((ce * weight)[mask].sum() + per_row.sum()) / max(n_tokens, 1.0)
-        metrics = {"loss": float(loss.detach()), "ce": float(ce_sum.detach()) / max(n_tokens, 1.0),
-                   "compared_rows": float(per_row.shape[0]), "count": n_tokens}
-        metrics.update({f"kd/{k}": float(v.detach().mean()) if v.numel() else 0.0 for k, v in parts.items()})
-        return loss, metrics
-
-    def _divergence(self, s_rows: torch.Tensor, t_ids: torch.Tensor, t_lp: torch.Tensor,
-                    t_tail: torch.Tensor, log_mass: torch.Tensor, batch: dict[str, torch.Tensor]
-                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Per compared row ``[N]``: the teacher carried to student ids, span mass moved, compared."""
-        device = s_rows.device
-        kw = {"terms": self.spec.terms(), "temperature": self.spec.temperature}
-        # ULD takes the divergences' weight too, T² included (kd_ratio splits CE from distillation,
-        # whichever distance measures it); hybrid's uld_weight is relative to it
-        uld_scale = sum(term.weight for term in kw["terms"])
-        if self.method == "uld":
-            uld, parts = cross_tokenizer_per_position(s_rows, t_ids, t_lp, t_tail, method="uld", **kw)
-            return uld_scale * uld, parts
-        mapping = self.mapping.teacher_to_student.to(device)
-        t1 = batch["xt_teacher_token"].to(device)
-        if self.method == "hybrid":
-            # what move_span_mass gives the student's token below is no longer unmapped mass
-            unmapped = take_span_mass(t_ids, t_lp, t1, log_mass).masked_fill(mapping[t_ids] >= 0, -float("inf"))
-            kw.update(uld_weight=self.cfg.uld_weight * uld_scale, student_mapped=self.mapping.student_mapped.to(device),
-                      teacher_unmapped_logprobs=unmapped)
-        ids, lp, tail = map_teacher_to_student(t_ids, t_lp, mapping, t_tail)
-        ids, lp, tail = move_span_mass(ids, lp, tail, mapping[t1], batch["xt_student_token"].to(device), log_mass)
-        return cross_tokenizer_per_position(s_rows, ids, lp, tail, method=self.method,
-                                            unmapped=self.cfg.resolved_unmapped, **kw)

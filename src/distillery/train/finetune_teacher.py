@@ -26,10 +26,8 @@ from distillery.models import (
     read_meta,
     save_model,
 )
-from distillery.train.data import Collator, SFTDataset
 from distillery.train.loop import train_loop
-from distillery.train.objectives import SFTObjective
-from distillery.train.packing import PackedCollator
+from distillery.train.objectives import BuildContext, build_training_parts
 
 console = Console(stderr=True)
 
@@ -88,8 +86,11 @@ def finetune_teacher(
     tok = _teacher_tokenizer(teacher, tokenizer)
     model = load_model_for_training(teacher, ft_cfg.lora, gradient_checkpointing=ft_cfg.gradient_checkpointing,
                                     seed=ft_cfg.seed)
-    dataset = SFTDataset(records, tok, ft_cfg.max_seq_len)
-    collate = PackedCollator(tok.pad_token_id, ft_cfg.max_seq_len) if ft_cfg.packing else Collator(tok.pad_token_id)
+    # the teacher is this job's student: built by teacher_finetune.objective's registry entry
+    ft_job = job_cfg.model_copy(update={"model": teacher, "train": ft_cfg, "teacher": None,
+                                        "teacher_cache": None, "teacher_finetune": None})
+    dataset, collate, objective = build_training_parts(
+        BuildContext(ft_job, records, tok, model, show_progress=show_progress))
     # under `accelerate launch` every process trains its share and the main one alone writes;
     # the process group is the loop's to set up, so before it the rank comes from the launcher
     tmp = out.with_name(out.name + ".tmp")
@@ -97,7 +98,7 @@ def finetune_teacher(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         console.print(f"fine-tuning the teacher {teacher.path} on {len(dataset)} records for {ft_cfg.steps} steps")
-    result = train_loop(model, SFTObjective(), dataset, collate, ft_cfg,
+    result = train_loop(model, objective, dataset, collate, ft_cfg,
                         log_path=tmp / "train_log.jsonl", show_progress=show_progress)
     merge = ft_cfg.lora.model_copy(update={"merge": True}) if ft_cfg.lora is not None else None
     teacher_ft = finalize_student(model, merge)

@@ -4,8 +4,8 @@ Read it top to bottom: seed, build the optimizer and schedule, prepare them with
 place the teacher, resume from the newest checkpoint if asked, then step:
 
     for each micro-batch of this process's share of the step's global batch:
-        loss, metrics = objective.loss(batch, student, teacher)
-        backward(loss × count)                      # count = units the loss averaged over
+        out = objective.loss(batch, student, teacher)   # a LossOutput(loss, count, metrics)
+        backward(out.loss × out.count)              # count = units the loss averaged over
     grads ×= processes / global count               # = the mean over the whole global batch
     clip → optimizer → schedule → log → checkpoint
 
@@ -39,7 +39,7 @@ from distillery.train.checkpoint import (
     save_checkpoint,
 )
 from distillery.train.logging import TrainLogger
-from distillery.train.objectives import Objective
+from distillery.train.objectives.base import LossOutput, Objective
 from distillery.train.sampling import unwrap
 
 # keys that may change between a run and its resume (they do not change the result)
@@ -78,13 +78,14 @@ def _optimizer(model: nn.Module, extra: list[nn.Module], cfg: TrainConfig) -> to
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
 
 
-def _place_teacher(teacher: nn.Module | None, objective: Objective, accelerator: Accelerator,
-                   cfg: TrainConfig, place: bool) -> nn.Module | None:
-    """The teacher never trains: eval mode, no grads; never silently copied whole to every rank."""
-    if not objective.needs_teacher:
-        return teacher
+def _place_teacher(teacher: nn.Module | None, accelerator: Accelerator, cfg: TrainConfig,
+                   place: bool) -> nn.Module | None:
+    """The teacher never trains: eval mode, no grads; never silently copied whole to every rank.
+
+    The job passes a teacher only to an objective that uses one (see ``ObjectiveNeeds``).
+    """
     if teacher is None:
-        raise ValueError("this objective needs a teacher, and none was given")
+        return None
     teacher = teacher.eval().requires_grad_(False)
     if accelerator.num_processes > 1:
         fsdp = accelerator.distributed_type == DistributedType.FSDP
@@ -110,7 +111,8 @@ def _check_backend(accelerator: Accelerator, cfg: TrainConfig, objective: Object
             raise ValueError("under DeepSpeed, keep train.grad_accum_steps: 1 (the engine accumulates; "
                              "set gradient_accumulation_steps in the DeepSpeed config)")
         if getattr(objective, "trainable", []):
-            raise ValueError("feature_kd's projections train outside the DeepSpeed engine: use DDP or FSDP")
+            raise ValueError("the objective's own modules (e.g. feature_kd's projections) would train "
+                             "outside the DeepSpeed engine: use DDP or FSDP")
     if kind == DistributedType.FSDP and (resume or cfg.checkpoint.every):
         raise ValueError("checkpoints/--resume are supported for single-process and DDP runs; under FSDP "
                          "set train.checkpoint.every: null (the final model is still saved)")
@@ -176,7 +178,7 @@ def train_loop(
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, cfg.warmup_steps, cfg.steps, min_lr_rate=cfg.min_lr_ratio)
     model, optimizer = accelerator.prepare(model, optimizer)
-    teacher = _place_teacher(teacher, objective, accelerator, cfg, place_teacher)
+    teacher = _place_teacher(teacher, accelerator, cfg, place_teacher)
     parts = {"model": unwrap(model), "optimizer": optimizer, "scheduler": scheduler,
              "objective": objective, "rank": rank, "world_size": world}
     state = {"step": 0, "tokens": 0}
@@ -228,8 +230,11 @@ def _step(step: int, model: nn.Module, objective: Objective, teacher: nn.Module 
         # gradients are all-reduced once, on the last micro-batch
         sync = contextlib.nullcontext() if j == len(shares) - 1 else accelerator.no_sync(model)
         with sync:
-            loss, metrics = objective.loss(batch, model, teacher)
-            count = float(metrics.get("count", metrics.get("tokens", 1.0)))
+            out = objective.loss(batch, model, teacher)
+            if not isinstance(out, LossOutput):
+                raise TypeError(f"{type(objective).__name__}.loss returned {type(out).__name__}, not a "
+                                "LossOutput(loss, count, metrics)")
+            loss, count, metrics = out.loss, float(out.count), out.metrics
             accelerator.backward(loss * count if weighted else loss)
         local += torch.tensor([loss.item() * count, count, float(batch["attention_mask"].sum())],
                               dtype=torch.float64, device=accelerator.device)
@@ -245,7 +250,8 @@ def _step(step: int, model: nn.Module, objective: Objective, teacher: nn.Module 
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    metrics = {k: v / max(c, 1e-12) for k, (v, c) in metric_sums.items() if k not in ("count", "loss", "tokens")}
+    # the loop logs the loss and the tokens itself
+    metrics = {k: v / max(c, 1e-12) for k, (v, c) in metric_sums.items() if k not in ("loss", "tokens")}
     return loss_sum / max(count, 1e-12), int(tokens), metrics
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distillery.train.data import IGNORE
+from distillery.chat import IGNORE
 
 
 def pack_rows(lengths: list[int], max_len: int) -> list[list[int]]:
@@ -113,22 +113,3 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
             "attention_mask": packed_attention_mask(batch["position_ids"])}
-
-
-def check_packing(objective: str, cached: bool = False, relation_weight: float = 0.0) -> None:
-    """Refuse ``train.packing`` where a packed row would mix examples.
-
-    Packing needs an objective that computes per token from one forward of the batch
-    (``sft``, live ``logit_kd``, ``feature_kd`` without the token-relation term). Sampling and
-    sequence-level objectives build their own batches, a logit cache is aligned per example,
-    and the relation term compares every token of a row with every other.
-    """
-    why = None
-    if objective not in ("sft", "logit_kd", "feature_kd"):
-        why = f"objective '{objective}' builds its own batches (sampled or per sequence)"
-    elif cached:
-        why = "a logit cache (teacher_cache) is stored per example, not per packed row"
-    elif objective == "feature_kd" and relation_weight > 0:
-        why = "train.feature.relation_weight > 0 compares tokens across the whole row"
-    if why:
-        raise ValueError(f"train.packing is not supported here: {why}; set train.packing: false")

@@ -17,14 +17,14 @@ ones of the same pairs, so the policy scores both in one forward pass (as TRL's
 - ``simpo`` (arXiv 2405.14734): ``z = β·(π_c/|c| − π_r/|r|) − γ``, ``loss = −(1−ε)·log σ(z) − ε·log σ(−z)``,
   no reference model (as TRL's ``CPOTrainer`` with ``loss_type="simpo"``).
 
-The reference model of dpo/ipo is explicit (see :func:`prepare_preference_training`):
+The reference model of dpo/ipo is explicit (see
+:func:`distillery.train.objectives.preference.prepare_preference_training`):
 precomputed once and stored in the dataset items, or a frozen model scoring each batch, or
 for a LoRA student the same model with its adapters disabled (no copy).
 """
 
 from __future__ import annotations
 
-import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,11 +36,12 @@ from rich.progress import Progress
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from distillery.config import PreferenceConfig, TrainConfig, TrainJobConfig
+from distillery.chat import IGNORE, tokenize_messages
+from distillery.errors import DataError
 from distillery.losses.forms import cross_entropy_per_token
 from distillery.records import RecordError, check_messages
-from distillery.train.data import IGNORE, Collator, tokenize_messages
-from distillery.train.reference import adapters_off, reference_for
+from distillery.train.data import Collator
+from distillery.train.reference import adapters_off
 
 console = Console(stderr=True)
 
@@ -97,8 +98,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
                 self.items.append(item)
         self.dropped = len(records) - len(self.items)
         if not self.items:
-            raise ValueError("no preference pair has a response token left on both sides after "
-                             "truncation to max_seq_len: raise train.max_seq_len or shorten the prompts")
+            raise DataError("no preference pair has a response token left on both sides after "
+                            "truncation to max_seq_len: raise train.max_seq_len or shorten the prompts")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -176,31 +177,6 @@ def simpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, chosen_
     return _logistic(beta * avg - gamma, label_smoothing)
 
 
-def pair_losses(cfg: PreferenceConfig, logps: torch.Tensor, tokens: torch.Tensor,
-                ref_logps: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair loss and the implicit rewards of each side, all ``[B]``.
-
-    ``logps``/``tokens``/``ref_logps`` are ``[2B]`` (chosen rows first). Rewards are
-    ``β·(π − r)`` for dpo/ipo and ``β·π/|y|`` for simpo.
-    """
-    beta = cfg.resolved_beta
-    pc, pr = logps.chunk(2)
-    nc, nr = tokens.chunk(2)
-    if cfg.loss == "simpo":
-        losses = simpo_loss(pc, pr, nc, nr, beta, cfg.simpo_gamma, cfg.label_smoothing)
-        return losses, beta * pc / nc.clamp(min=1), beta * pr / nr.clamp(min=1)
-    if ref_logps is None:
-        raise ValueError(f"{cfg.loss} needs reference log-probs: build the objective with "
-                         "prepare_preference_training (precomputed or live reference)")
-    rc, rr = ref_logps.chunk(2)
-    lc, lr = pc - rc, pr - rr
-    if cfg.loss == "ipo":
-        losses = ipo_loss(lc, lr, nc, nr, beta)
-    else:
-        losses = dpo_loss(lc, lr, beta, cfg.label_smoothing)
-    return losses, beta * lc, beta * lr
-
-
 # --------------------------------------------------------------------------- reference
 
 
@@ -255,124 +231,3 @@ def precompute_reference_logps(dataset: PreferenceDataset, reference: ReferenceS
             progress.advance(bar, len(items))
     if show_progress:
         console.print(f"reference log-probs of {len(dataset)} pairs in {time.perf_counter() - t0:.1f}s")
-
-
-# --------------------------------------------------------------------------- objective
-
-
-class PreferenceObjective:
-    """``mean over pairs of [pair loss + sft_weight · NLL(chosen)/|c|]``; see the module doc.
-
-    Reference log-probs come from the batch (``ref_chosen_logps``/``ref_rejected_logps``,
-    precomputed) or from ``reference`` (live); simpo needs neither. Metrics: ``loss``,
-    ``rewards/chosen``, ``rewards/rejected``, ``rewards/margin`` (means over pairs),
-    ``rewards/accuracy`` (share of pairs with margin > 0), ``logps/chosen``,
-    ``logps/rejected`` (summed response log-probs), ``nll`` (with ``sft_weight``) and
-    ``count`` = the number of pairs.
-    """
-
-    needs_teacher = False
-
-    def __init__(self, cfg: PreferenceConfig, reference: ReferenceScorer | None = None) -> None:
-        self.cfg = cfg
-        self.reference = reference
-        self.trainable: list[nn.Module] = []
-
-    def _reference_logps(self, batch: dict[str, torch.Tensor], student: nn.Module) -> torch.Tensor | None:
-        if self.cfg.loss == "simpo":
-            return None
-        if "ref_chosen_logps" in batch:
-            return torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]]).float()
-        if self.reference is None:
-            return None
-        return self.reference(batch, student)
-
-    def loss(
-        self, batch: dict[str, torch.Tensor], student: nn.Module, teacher: nn.Module | None = None
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        # the reference first: the adapters-off pass must not interleave with the policy's graph
-        ref = self._reference_logps(batch, student)
-        logps, tokens = sequence_logps(student, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        losses, chosen, rejected = pair_losses(self.cfg, logps, tokens, ref)
-        pc, pr = logps.detach().chunk(2)
-        metrics: dict[str, float] = {}
-        if self.cfg.sft_weight:
-            nll = -(logps.chunk(2)[0] / tokens.chunk(2)[0].clamp(min=1))
-            losses = losses + self.cfg.sft_weight * nll
-            metrics["nll"] = nll.mean().item()
-        loss = losses.mean()
-        margin = (chosen - rejected).detach()
-        metrics.update({
-            "loss": loss.item(), "rewards/chosen": chosen.mean().item(),
-            "rewards/rejected": rejected.mean().item(), "rewards/margin": margin.mean().item(),
-            "rewards/accuracy": (margin > 0).float().mean().item(),
-            "logps/chosen": pc.mean().item(), "logps/rejected": pr.mean().item(),
-            "count": float(len(losses)),
-        })
-        return loss, metrics
-
-
-# --------------------------------------------------------------------------- wiring
-
-
-def _check(train: TrainConfig) -> None:
-    pref = train.preference
-    if pref.loss == "ipo" and pref.label_smoothing:
-        raise ValueError("train.preference.label_smoothing applies to dpo and simpo (a flipped-label "
-                         "logistic loss); ipo's squared loss has none: set it to 0")
-    if train.packing:
-        raise ValueError("train.packing is not supported by objective 'preference' (each pair is two "
-                         "rows scored side by side): set train.packing: false")
-
-
-def build_reference(cfg: TrainJobConfig | TrainConfig, student: nn.Module, tokenizer: PreTrainedTokenizerBase,
-                    copy_student: bool) -> ReferenceScorer:
-    """The dpo/ipo reference: ``reference_path`` if set, else the student as it starts.
-
-    The student as it starts is, for a peft (LoRA) student, the student with adapters off;
-    otherwise a frozen deep copy (``copy_student``, for a live reference that must not move
-    while the student trains) or the student itself (a precompute pass before step 1).
-    """
-    train = cfg.train if isinstance(cfg, TrainJobConfig) else cfg
-    model_cfg = cfg.model if isinstance(cfg, TrainJobConfig) else None
-    ref = reference_for(student, train.preference.reference_path, "train.preference.reference_path",
-                        model_cfg, len(tokenizer), copy_student=copy_student)
-    return ModelReference(ref) if isinstance(ref, nn.Module) else AdapterOffReference()
-
-
-def prepare_preference_training(
-    cfg: TrainJobConfig | TrainConfig, records: list[dict], tokenizer: PreTrainedTokenizerBase,
-    student: nn.Module, *, source: str | None = None, show_progress: bool = True,
-) -> tuple[PreferenceDataset, PreferenceCollator, PreferenceObjective]:
-    """Validate and tokenize preference records and set up the reference; returns what
-    :func:`~distillery.train.loop.train_loop` takes: ``(dataset, collator, objective)``.
-
-    Call it with the student as training starts (LoRA already applied, before any checkpoint
-    weights are loaded into it). ``reference: precompute`` scores every pair with the
-    reference now, stores the log-probs in the dataset items and frees the reference;
-    ``live`` keeps it for the objective to score each batch. ``source`` names the records in
-    errors (default: ``data.path`` of a job config).
-    """
-    train = cfg.train if isinstance(cfg, TrainJobConfig) else cfg
-    pref = train.preference
-    _check(train)
-    if source is None:
-        source = cfg.data.path if isinstance(cfg, TrainJobConfig) and cfg.data.path else "preference records"
-    validate_preference_records(records, source)
-    dataset = PreferenceDataset(records, tokenizer, train.max_seq_len)
-    if dataset.dropped:
-        console.print(f"preference: dropped {dataset.dropped} of {len(records)} pairs with no response "
-                      f"token left after truncation to train.max_seq_len ({train.max_seq_len})")
-    collator = PreferenceCollator(tokenizer.pad_token_id)
-    reference = None
-    if pref.loss != "simpo":
-        reference = build_reference(cfg, student, tokenizer, copy_student=pref.reference == "live")
-        if pref.reference == "precompute":
-            batch_pairs = max(1, train.batch_size // train.grad_accum_steps)
-            precompute_reference_logps(dataset, reference, student, tokenizer.pad_token_id,
-                                       batch_pairs, show_progress)
-            reference = None  # a loaded reference_path model is freed here
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-    return dataset, collator, PreferenceObjective(pref, reference)

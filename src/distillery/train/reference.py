@@ -27,6 +27,7 @@ from torch import nn
 from distillery.config import ModelConfig
 from distillery.models import load_model
 from distillery.models.lora import is_peft_model
+from distillery.models.vocab import VocabMismatchError
 from distillery.train.sampling import unwrap
 
 ADAPTERS_OFF: Final = "adapters_off"
@@ -46,7 +47,7 @@ def load_reference(path: str, key: str, model_cfg: ModelConfig | None, device: t
     """The frozen model at ``path`` on ``device``, loaded with ``model_cfg``'s dtype and remote-code setting.
 
     ``model_cfg`` None: the defaults of :class:`~distillery.config.ModelConfig`. ``key`` (e.g.
-    ``train.preference.reference_path``) names the setting in errors. Its output layer must
+    ``train.objective.reference_path``) names the setting in errors. Its output layer must
     have at least ``vocab_size`` rows (the student's tokenizer), or the two do not share a
     vocabulary and log-probs of the same token ids would compare different tokens.
     """
@@ -54,8 +55,8 @@ def load_reference(path: str, key: str, model_cfg: ModelConfig | None, device: t
     model = frozen(load_model(cfg))
     vocab = model.get_output_embeddings().weight.shape[0]
     if vocab < vocab_size:
-        raise ValueError(f"{key} {path}: its vocabulary ({vocab}) is smaller than the student's tokenizer "
-                         f"({vocab_size}): the reference must share the student's tokenizer")
+        raise VocabMismatchError(f"{key} {path}: its vocabulary ({vocab}) is smaller than the student's tokenizer "
+                                 f"({vocab_size}): the reference must share the student's tokenizer")
     return model
 
 

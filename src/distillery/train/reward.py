@@ -1,4 +1,6 @@
-"""The ``reward`` objective: policy gradient with a group baseline (GRPO-style, arXiv 2402.03300).
+"""The ``reward`` objective's parts (rewards, datasets, the estimator; the objective itself is
+:mod:`distillery.train.objectives.reward`): policy gradient with a group baseline (GRPO-style,
+arXiv 2402.03300).
 
 Per batch of "messages" records, the student samples ``G = group_size`` completions of each
 prompt (the tokens before the record's first trained position); every completion gets a
@@ -24,22 +26,19 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from distillery.config import ModelConfig, RewardConfig, TrainJobConfig
-from distillery.elicit.engine import MalformedOutput
-from distillery.elicit.feedback import parse_grade
-from distillery.elicit.self_knowledge import verify_answer
-from distillery.elicit.templates import builtin, render
+from distillery.answers import GradeItem, build_grader
+from distillery.chat import IGNORE, builtin, render, tokenize_messages
+from distillery.config import ConfigError
+from distillery.errors import DataError
 from distillery.losses.forms import cross_entropy_per_token
-from distillery.teachers import SamplingParams, Teacher, build_teacher
-from distillery.train.data import IGNORE, Collator, tokenize_messages
-from distillery.train.objectives import teacher_inputs
-from distillery.train.reference import Reference, reference_for, reference_model
-from distillery.train.sampling import (
-    batch_prompts,
-    continuation_batch,
-    sample_continuations,
-    unwrap,
-)
+from distillery.models.vocab import VocabMismatchError
+from distillery.records import RecordError
+from distillery.teachers import SamplingParams, Teacher
+from distillery.teachers.phases import MalformedOutput
+from distillery.teachers.replies import parse_grade
+from distillery.train.data import Collator
+from distillery.train.sampling import unwrap
+from distillery.train.targets import teacher_inputs
 
 JUDGE_MAX_SCORE = 10  # the shipped rubric grades 1..10; reward = (score − 1) / 9
 ADV_EPS = 1e-4  # added to the group std before dividing (Dr.GRPO / TRL use the same order)
@@ -69,19 +68,18 @@ def record_reference(record: dict, index: int = 0) -> str:
     """The record's ``reference`` answer, or an error naming the record and the fix."""
     ref = record.get("reference")
     if ref is None or (isinstance(ref, str) and not ref.strip()):
-        raise ValueError(
-            f"{record_name(record, index)} has no 'reference': train.reward.source 'verifier' compares "
+        raise RecordError(
+            f"{record_name(record, index)} has no 'reference': train.objective.source 'verifier' compares "
             "each completion's final answer with it; add reference to every record, or pick "
-            "another train.reward.source (function, judge, teacher_logprob)")
+            "another train.objective.source (function, judge, teacher_logprob)")
     return str(ref)
 
 
 class VerifierReward:
     """1.0 when the completion's final answer equals the record's ``reference``, else 0.0.
 
-    The answer is read as the elicitation filters read it (``Final answer:``, ``\\boxed{}``,
-    ``#N``, "the answer is N") and compared with :func:`~distillery.elicit.filters.answers_equivalent`
-    (numbers, fractions, percentages, simple algebra). No answer counts as wrong.
+    Graded by :mod:`distillery.answers` (the verify filter's grader: ``symbolic``, i.e. numbers,
+    fractions, percentages, simple algebra). No answer counts as wrong.
     """
 
     def __init__(self, answer_pattern: str | None = None) -> None:
@@ -90,29 +88,30 @@ class VerifierReward:
 
     def score(self, prompts: list[str], completions: list[str], records: list[dict]) -> list[float]:
         rewards, missing = [], 0
+        grader = build_grader("symbolic", answer_pattern=self.answer_pattern)
         for i, (completion, record) in enumerate(zip(completions, records, strict=True)):
-            right, answer = verify_answer(completion, record_reference(record, i), self.answer_pattern)
-            rewards.append(float(right))
-            missing += answer is None
+            result = grader.grade(GradeItem(completion, record_reference(record, i)))
+            rewards.append(float(result.correct))
+            missing += result.answer is None
         self.metrics = {"reward/no_answer": missing / max(len(completions), 1)}
         return rewards
 
 
-def import_callable(spec: str, key: str = "train.reward.function") -> Callable[..., Any]:
+def import_callable(spec: str, key: str = "train.objective.function") -> Callable[..., Any]:
     """``module:callable`` (dotted attribute paths allowed after the colon), imported by name."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"{key} is {spec!r}: write it as 'module:callable', e.g. 'my_rewards:is_short'")
+        raise ConfigError(f"{key} is {spec!r}: write it as 'module:callable', e.g. 'my_rewards:is_short'")
     try:
         obj: Any = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        raise ValueError(f"{key}: cannot import module {module_name!r} ({exc}); is it on PYTHONPATH?") from None
+        raise ConfigError(f"{key}: cannot import module {module_name!r} ({exc}); is it on PYTHONPATH?") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ValueError(f"{key}: module {module_name!r} has no attribute {attr!r}")
+            raise ConfigError(f"{key}: module {module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise ValueError(f"{key}: {spec!r} is not callable")
+        raise ConfigError(f"{key}: {spec!r} is not callable")
     return obj
 
 
@@ -168,7 +167,7 @@ class JudgeReward:
     def requests(self, prompts: list[str], completions: list[str], records: list[dict]) -> list[list[dict]]:
         """The grading conversations: one user turn each, the rendered rubric."""
         return [[{"role": "user", "content": render(
-            self.template, "train.reward.judge_template", prompt=p, answer=c,
+            self.template, "train.objective.judge_template", prompt=p, answer=c,
             reference=r.get("reference"), max_score=JUDGE_MAX_SCORE)}]
             for p, c, r in zip(prompts, completions, records, strict=True)]
 
@@ -194,8 +193,8 @@ class TeacherLogprobReward:
         """Per row of a :func:`continuation_batch` ``[rows, seq]``: mean teacher log-prob of its labels."""
         vocab = unwrap(teacher).config.vocab_size
         if int(batch["input_ids"].max()) >= vocab:
-            raise ValueError(f"the student's token ids exceed the teacher's vocabulary ({vocab}): "
-                             "train.reward.source 'teacher_logprob' needs a shared tokenizer")
+            raise VocabMismatchError(f"the student's token ids exceed the teacher's vocabulary ({vocab}): "
+                                     "train.objective.source 'teacher_logprob' needs a shared tokenizer")
         logp, mask = token_logprobs(teacher, {**teacher_inputs(batch, teacher),
                                               "labels": batch["labels"]})
         mask = mask.to(logp.dtype)
@@ -293,7 +292,7 @@ class RewardDataset(torch.utils.data.Dataset):
             self.records.append(record)
             self.prompts.append(_question(record["messages"]))
         if not self.items:
-            raise ValueError("no record has an assistant token left after truncation to max_seq_len")
+            raise DataError("no record has an assistant token left after truncation to max_seq_len")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -318,146 +317,3 @@ class RewardCollator(Collator):
         batch = super().__call__(items)
         batch["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
         return batch
-
-
-# --------------------------------------------------------------------------- the objective
-
-
-class RewardObjective:
-    """Sample groups, score them, step along the group-baseline policy gradient (see module doc).
-
-    ``reference``: the KL anchor, a :data:`~distillery.train.reference.Reference` (a frozen
-    model, or ``"adapters_off"``: the peft student's base with adapters disabled), or None (no
-    KL term). ``loss`` is a mean over the batch's completion tokens (``metrics["count"]``).
-    """
-
-    def __init__(self, cfg: RewardConfig, tokenizer: PreTrainedTokenizerBase, dataset: RewardDataset,
-                 reward: RewardFn | TeacherLogprobReward, reference: Reference | None = None,
-                 max_seq_len: int = 1 << 30) -> None:
-        if cfg.kl_weight > 0 and reference is None:
-            raise ValueError("train.reward.kl_weight > 0 needs a reference model")
-        self.cfg, self.tokenizer, self.dataset, self.reward = cfg, tokenizer, dataset, reward
-        self.max_seq_len = max_seq_len  # prompt + completion; nothing past it is generated or scored
-        self.reference = reference if cfg.kl_weight > 0 else None
-        self.needs_teacher = isinstance(reward, TeacherLogprobReward)
-        self.trainable: list[nn.Module] = []
-
-    def rollout(self, batch: dict[str, torch.Tensor], student: nn.Module) -> tuple[dict, list[int]]:
-        """``group_size`` sampled completions per prompt as a continuation batch, and their record indices.
-
-        Each row is cut at ``max_seq_len`` before it is scored, so what is scored is what is trained.
-        """
-        prompts = batch_prompts(batch)
-        for row, prompt in enumerate(prompts):
-            if not prompt:
-                name = record_name(self.dataset.records[int(batch["index"][row])], int(batch["index"][row]))
-                raise ValueError(f"reward: {name} has no prompt tokens before its first assistant token; "
-                                 "the student continues a prompt, so give it a user (or system) turn first")
-        g = self.cfg.group_size
-        room = self.max_seq_len - min(map(len, prompts))
-        conts = sample_continuations(
-            student, prompts, max_new_tokens=max(1, min(self.cfg.max_new_tokens, room)),
-            temperature=self.cfg.temperature, top_p=self.cfg.top_p, eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id, num_return_sequences=g)
-        rows = [p for p in prompts for _ in range(g)]
-        conts = [c[: max(1, self.max_seq_len - len(p))] for p, c in zip(rows, conts)]
-        index = [int(i) for i in batch["index"] for _ in range(g)]
-        return continuation_batch(rows, conts, self.tokenizer.pad_token_id), index
-
-    def rewards(self, cbatch: dict[str, torch.Tensor], index: list[int], teacher: nn.Module | None) -> list[float]:
-        """One reward per row of ``cbatch``; ``index`` = the dataset record of each row."""
-        if isinstance(self.reward, TeacherLogprobReward):
-            if teacher is None:
-                raise ValueError("train.reward.source 'teacher_logprob' needs a teacher model")
-            return self.reward.score_batch(cbatch, teacher)
-        texts = [self.tokenizer.decode([t for t in row if t != IGNORE], skip_special_tokens=True)
-                 for row in cbatch["labels"].tolist()]
-        prompts = [self.dataset.prompts[i] for i in index]
-        records = [self.dataset.records[i] for i in index]
-        return self.reward.score(prompts, texts, records)
-
-    def loss(
-        self, batch: dict[str, torch.Tensor], student: nn.Module, teacher: nn.Module | None
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        cbatch, index = self.rollout(batch, student)
-        rewards = torch.tensor(self.rewards(cbatch, index, teacher), dtype=torch.float64)
-        adv = group_advantages(rewards, self.cfg.group_size, self.cfg.scale_rewards)
-        device = next(unwrap(student).parameters()).device
-        cbatch = {k: v.to(device) for k, v in cbatch.items()}
-        # the reference first: an adapters-off pass must not interleave with the policy's graph
-        ref_logp = self.reference_logprobs(cbatch, student) if self.reference is not None else None
-        logp, mask = token_logprobs(student, cbatch, self.cfg.temperature)
-        loss, kl = policy_gradient_loss(logp, mask, adv.to(device), ref_logp, self.cfg.kl_weight)
-        groups = rewards.view(-1, self.cfg.group_size)
-        n_tokens = int(mask.sum())
-        metrics = {
-            "reward/mean": rewards.mean().item(),
-            "reward/std": rewards.std(correction=0).item(),
-            "reward/zero_std_groups": (groups == groups[:, :1]).all(1).double().mean().item(),
-            "gen_tokens": n_tokens / len(rewards),
-            "count": float(n_tokens),
-            **getattr(self.reward, "metrics", {}),
-        }
-        if kl is not None:
-            metrics["kl"] = kl.item()
-        return loss, {"loss": loss.item(), **metrics}
-
-    @torch.no_grad()
-    def reference_logprobs(self, cbatch: dict[str, torch.Tensor], student: nn.Module) -> torch.Tensor:
-        """log π_ref of the sampled tokens ``[rows, seq-1]`` (same temperature as the policy)."""
-        ref = self.reference
-        device = cbatch["input_ids"].device
-        if isinstance(ref, nn.Module) and next(ref.parameters()).device != device:
-            ref.to(device)  # the loop may move the student after we copied it
-        # adapters off: the unwrapped peft model runs the forward, not a DDP wrapper around it
-        with reference_model(ref, unwrap(student)) as model:
-            return token_logprobs(model, cbatch, self.cfg.temperature)[0]
-
-
-# --------------------------------------------------------------------------- wiring
-
-
-def build_reward_fn(cfg: RewardConfig) -> RewardFn | TeacherLogprobReward:
-    """The reward source ``cfg.source`` names (a judge backend is started here)."""
-    if cfg.source == "verifier":
-        return VerifierReward()
-    if cfg.source == "function":
-        assert cfg.function is not None
-        return FunctionReward(cfg.function)
-    if cfg.source == "judge":
-        assert cfg.judge is not None
-        return JudgeReward(build_teacher(cfg.judge), cfg.judge_template)
-    return TeacherLogprobReward()
-
-
-def build_reference(cfg: RewardConfig, student: nn.Module, model_cfg: ModelConfig,
-                    vocab_size: int) -> Reference | None:
-    """The KL anchor (None without a KL term): ``reference_path`` on the student's device, the peft
-    student's base (:data:`~distillery.train.reference.ADAPTERS_OFF`), or a frozen copy."""
-    if cfg.kl_weight == 0:
-        return None
-    return reference_for(student, cfg.reference_path, "train.reward.reference_path", model_cfg, vocab_size)
-
-
-def prepare_reward_training(
-    cfg: TrainJobConfig,
-    records: list[dict],
-    tokenizer: PreTrainedTokenizerBase,
-    student: nn.Module,
-    teacher: nn.Module | None = None,
-) -> tuple[RewardDataset, RewardCollator, RewardObjective]:
-    """Dataset, collator and objective of ``train.objective: reward`` (call before training starts).
-
-    ``teacher``: the live teacher model (``source: teacher_logprob`` only). The KL reference,
-    when ``kl_weight > 0``, is taken from ``student`` now, as it starts.
-    """
-    rc = cfg.train.reward
-    if cfg.train.packing:
-        raise ValueError("train.packing is not supported by objective 'reward' (each prompt is sampled "
-                         "and scored on its own): set train.packing: false")
-    if rc.source == "teacher_logprob" and teacher is None:
-        raise ValueError("train.reward.source is 'teacher_logprob' but no teacher model was given")
-    dataset = RewardDataset(records, tokenizer, cfg.train.max_seq_len, require_reference=rc.source == "verifier")
-    objective = RewardObjective(rc, tokenizer, dataset, build_reward_fn(rc),
-                                build_reference(rc, student, cfg.model, len(tokenizer)), cfg.train.max_seq_len)
-    return dataset, RewardCollator(tokenizer.pad_token_id), objective

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from distillery.train.data import IGNORE, Collator
+from distillery.chat import IGNORE
+from distillery.train.data import Collator
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -1,4 +1,7 @@
-"""``distillery capture``: the teacher's top-k next-token distributions over a dataset, on disk.
+"""``distillery capture``, a stage: the teacher's top-k next-token distributions over a dataset, on disk.
+
+It runs a teacher, so it sits with elicit/train/evaluate above models and teachers; the on-disk
+format and the cache directory it writes (:mod:`distillery.logits`) are core, read by training.
 
 Each record is tokenized exactly as training tokenizes it (the student's tokenizer, its chat
 template, ``max_seq_len``). The teacher then scores the sequence, and the cache keeps one row per
@@ -19,21 +22,20 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from distillery.chat import content_offsets, tokenize_messages
 from distillery.config import CaptureConfig
-from distillery.logits.cache import CacheWriter, Manifest, tokenizer_hash
+from distillery.errors import DistilleryError
+from distillery.logits.cache import CacheWriter, Manifest, stored_positions, tokenizer_hash
 from distillery.logits.format import TopKExample
 from distillery.models import load_tokenizer
+from distillery.tasks import load_records
 from distillery.teachers import build_teacher
-from distillery.train.alignment import content_offsets
-from distillery.train.data import IGNORE, tokenize_messages
 
 console = Console(stderr=True)
 
 
-def stored_positions(labels: list[int]) -> np.ndarray:
-    """Positions ``t`` whose next token is trained on (``labels[t + 1] != IGNORE``) ``[P]``."""
-    lab = np.asarray(labels)
-    return np.nonzero(lab[1:] != IGNORE)[0]
+class CaptureError(DistilleryError, ValueError):
+    """A capture config that cannot work (k larger than the vocabulary, a backend without log-probs)."""
 
 
 def _examples(records: list[dict], tokenizer, max_len: int, done: set[str], offsets: bool) -> Iterator[tuple]:  # noqa: ANN001
@@ -49,18 +51,17 @@ def _examples(records: list[dict], tokenizer, max_len: int, done: set[str], offs
 
 def run_capture(cfg: CaptureConfig, show_progress: bool = True) -> Manifest:
     """Capture ``cfg.data`` through ``cfg.teacher`` into ``cfg.output_dir``; resumes a killed run."""
-    from distillery.train.job import load_training_records
-
-    records = load_training_records(cfg.data)
+    records = load_records(cfg.data)
     tok_source = cfg.tokenizer or cfg.teacher.model
     tokenizer = load_tokenizer(tok_source, trust_remote_code=cfg.teacher.trust_remote_code)
     if cfg.k > len(tokenizer):
-        raise ValueError(f"capture k={cfg.k} exceeds the vocabulary ({len(tokenizer)} tokens of "
+        raise CaptureError(f"capture k={cfg.k} exceeds the vocabulary ({len(tokenizer)} tokens of "
                          f"{tok_source}): use k <= {len(tokenizer)} (k = the vocabulary size stores "
                          "the whole distribution)")
     teacher = build_teacher(cfg.teacher)
     if not hasattr(teacher, "logprobs"):
-        raise ValueError(f"teacher backend {cfg.teacher.backend!r} cannot return log-probs")
+        raise CaptureError(f"teacher backend {cfg.teacher.backend!r} cannot return log-probs: "
+                           "capture with backend hf or openai")
     writer = CacheWriter(cfg.output_dir, teacher=teacher.name, tokenizer_hash=tokenizer_hash(tokenizer),
                          k=cfg.k, temperature=cfg.temperature, vocab_size=len(tokenizer),
                          shard_size=cfg.shard_size)

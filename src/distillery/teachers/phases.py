@@ -1,5 +1,7 @@
-"""The elicitation engine: requests in, records out, never losing or repeating work.
+"""Teacher phases: requests in, records out, never losing or repeating work.
 
+This is the engine under every elicitation method, the LLM judge and the judge reward; it sits
+with the teachers (below the stages) because all three stages run teachers through it.
 Every elicitation method is a few *phases*; each phase is a stream of
 :class:`~distillery.teachers.base.GenerationRequest` objects sent to a teacher and a *handler*
 that turns each result into records (kept) and rejects (kept too, with the reason).
@@ -16,7 +18,14 @@ that turns each result into records (kept) and rejects (kept too, with the reaso
 - a handler that raises on malformed teacher output turns into a reject with the reason: one bad
   answer never stops the run;
 - at the end both files are renamed to their final names atomically; a finished phase is not run
-  again.
+  again;
+- a request the teacher could not answer for a reason that may pass (server down, timeouts, 5xx,
+  429 through every retry: ``GenerationResult.retryable``) is a reject with ``"retryable": true``
+  and is *not* done: a re-run sends it again (its reject line is dropped then). Such a phase is
+  finished with a ``<phase>.retry`` marker, and so is every phase that runs after it on the same
+  ``out_dir`` in that process (their inputs came from an incomplete phase); a marked phase is
+  re-opened by the next run, which sends only what is not done yet. A final failure (a 400, a
+  ``too_long`` prompt) stays done.
 """
 
 from __future__ import annotations
@@ -64,7 +73,9 @@ class PhaseSummary:
     resumed: int = 0  # requests found finished in the output of an earlier run
     records: int = 0
     rejects: int = 0
-    failed: int = 0  # requests the teacher could not answer (after retries)
+    failed: int = 0  # requests of the phase the teacher could not answer (after retries)
+    retryable: int = 0  # of those, the ones a re-run sends again
+    total: int = 0  # requests of the phase done so far (this run and earlier ones)
     reject_reasons: dict[str, int] = field(default_factory=dict)
     tokens: int = 0
     prompt_tokens: int = 0
@@ -124,18 +135,33 @@ class PhaseFiles:
     def finished(self) -> bool:
         return self.records.exists() and self.rejects.exists()
 
+    @property
+    def retry_marker(self) -> Path:
+        """Present while the phase holds retryable failures or was built on a phase that did."""
+        return self.records.with_name(self.records.name.removesuffix(".jsonl") + ".retry")
+
     def recover(self) -> set[str]:
-        """Finished request ids; drops torn lines and the lines of unfinished requests."""
+        """Finished request ids; drops torn lines, the lines of unfinished requests and those of
+        requests that failed retryably (so they are sent again).
+
+        A final file is moved back to its ``.partial`` form first: that re-opens a finished phase,
+        and mends a phase killed between the two renames of :meth:`finish`."""
+        for path in (self.records, self.rejects):
+            if path.exists() and not self.partial(path).exists():
+                os.replace(path, self.partial(path))
         files = [self.partial(self.records), self.partial(self.rejects)]
         lines = {p: _complete_lines(p) for p in files}
         seen: Counter[str] = Counter()
         expected: dict[str, int] = {}
+        retry: set[str] = set()
         for rows in lines.values():
             for row in rows:
                 rid = row["meta"]["request_id"]
                 seen[rid] += 1
                 expected[rid] = row["meta"]["outputs"]
-        done = {rid for rid, n in seen.items() if n == expected[rid]}
+                if row.get("retryable"):
+                    retry.add(rid)
+        done = {rid for rid, n in seen.items() if n == expected[rid] and rid not in retry}
         for path, rows in lines.items():
             keep = [r for r in rows if r["meta"]["request_id"] in done]
             if len(keep) != len(rows) or _has_torn_tail(path):
@@ -257,7 +283,9 @@ def run_phase(
     """
     files = PhaseFiles(out_dir, name)
     summary = PhaseSummary(name)
-    if files.finished:
+    earlier = _earlier_phases(out_dir, name)
+    if files.finished and not files.retry_marker.exists():
+        earlier.append((name, False))
         return files.records, _summary_from_files(name, files)
     done = files.recover()
     summary.resumed = len(done)
@@ -311,14 +339,40 @@ def run_phase(
             _sync(f_rec, f_rej)
             f_rec.close()
             f_rej.close()
-    files.finish()
+    final = _summary_from_files(name, files, partial=True)
+    incomplete = bool(final.retryable) or any(flag for _, flag in earlier)
+    if incomplete:
+        files.retry_marker.touch()  # before the rename: a kill in between leaves it unfinished
+        files.finish()
+    else:
+        files.finish()
+        files.retry_marker.unlink(missing_ok=True)
+    earlier.append((name, incomplete))
     summary.tokens = teacher.stats.tokens - stats0[0]
     summary.prompt_tokens = teacher.stats.prompt_tokens - stats0[1]
     summary.seconds = time.perf_counter() - t0
-    final = _summary_from_files(name, files)
     summary.records, summary.rejects, summary.reject_reasons = (
         final.records, final.rejects, final.reject_reasons)
+    summary.failed, summary.retryable, summary.total = final.failed, final.retryable, final.total
     return files.records, summary
+
+
+# the phases this process ran on each out_dir, in order, each with whether it finished
+# incomplete (retryable failures, or run after a phase that had them): a phase that runs after
+# an incomplete one was fed from partial output, so the next run re-opens it too
+_HISTORY: dict[str, list[tuple[str, bool]]] = {}
+
+
+def _earlier_phases(out_dir: str | Path, name: str) -> list[tuple[str, bool]]:
+    """The history of ``out_dir`` before ``name``: when ``name`` ran before, a new run of the
+    same pipeline has begun, and what ran from ``name`` on belongs to the old one."""
+    history = _HISTORY.setdefault(str(Path(out_dir).resolve()), [])
+    names = [n for n, _ in history]
+    if name in names:
+        del history[names.index(name):]
+    return history
+# reject reasons of a request that got no answer from the teacher
+FAILURE_REASONS = ("teacher_error", "too_long")
 
 
 def _outcome(result: GenerationResult, handle: Handler, checks: list[tuple[str, RecordCheck]],
@@ -327,7 +381,10 @@ def _outcome(result: GenerationResult, handle: Handler, checks: list[tuple[str, 
     req = result.request
     raw = "\n---\n".join(g.text for g in result.generations)
     if not result.ok:
-        return [], [_reject_line(req, f"teacher_error: {result.error}", raw, teacher_name)]
+        line = _reject_line(req, f"{result.error_kind}: {result.error}", raw, teacher_name)
+        if result.retryable:
+            line["retryable"] = True
+        return [], [line]
     try:
         outcome = handle(result)
     except Exception as exc:  # malformed output or a handler bug: keep the evidence, go on
@@ -375,9 +432,19 @@ def _sync(*files) -> None:  # noqa: ANN002
             os.fsync(f.fileno())
 
 
-def _summary_from_files(name: str, files: PhaseFiles) -> PhaseSummary:
-    recs = read_jsonl(files.records) if files.records.exists() else []
-    rejs = read_jsonl(files.rejects) if files.rejects.exists() else []
+def _summary_from_files(name: str, files: PhaseFiles, partial: bool = False) -> PhaseSummary:
+    """Counts of the phase's final files (``partial``: of their ``.partial`` forms)."""
+    paths = [files.partial(p) if partial else p for p in (files.records, files.rejects)]
+    recs, rejs = (read_jsonl(p) if p.exists() else [] for p in paths)
     reasons = Counter(r["reason"].split(":")[0] for r in rejs)
+    failed = [r for r in rejs if r["reason"].split(":")[0] in FAILURE_REASONS]
+    total = len({r["meta"]["request_id"] for r in recs + rejs})
     return PhaseSummary(name, records=len(recs), rejects=len(rejs), reject_reasons=dict(reasons),
-                        requests=len({r["meta"]["request_id"] for r in recs + rejs}))
+                        requests=total, total=total, failed=len(failed),
+                        retryable=sum(bool(r.get("retryable")) for r in failed))
+
+
+def read_phase(path: Path, key: Callable[[dict], object] | None = None) -> list[dict]:
+    """The rows of a finished phase file (none when it is not there), sorted by ``key`` if given."""
+    rows = read_jsonl(path) if path.exists() else []
+    return sorted(rows, key=key) if key else rows
