@@ -509,3 +509,16 @@ def test_cli_config_show_bad_yaml_names_the_file(tmp_path):
     out = _cli("config", "show", str(path))
     assert out.returncode == 2
     assert f"{path}:3" in out.stderr
+
+
+def test_a_bad_key_in_defaults_is_named_once_where_it_was_written(tmp_path):
+    """`defaults` is merged under every student; its errors name `defaults.*` and its line, once."""
+    path = _write(tmp_path, "teacher: {path: t}\ndefaults:\n  train:\n    lr: fast\nstudents:\n  a: {}\n  b: {}\n")
+    msg = _error(path)
+    assert msg.count("key 'defaults.train.lr'") == 1 and f"{path}:4" in msg and "students." not in msg
+    msg = _error(REPO / "configs/demo.yaml", overrides=["defaults.train.stpes=3"])
+    assert msg.count("command-line override: unknown key 'defaults.train.stpes'") == 1
+    assert "did you mean 'defaults.train.steps'?" in msg
+    # the same key set in a student itself is that student's
+    msg = _error(_write(tmp_path, MIN_RUN + "  b:\n    train: {lr: slow}\ndefaults:\n  train: {lr: 0.1}\n", "own.yaml"))
+    assert "key 'students.b.train.lr'" in msg and "'defaults." not in msg

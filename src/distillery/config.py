@@ -623,10 +623,15 @@ def _format_errors(
     source: str,
     lines: dict[tuple[str, ...], int],
     overridden: set[tuple[str, ...]],
+    data: dict | None = None,
 ) -> str:
-    messages = []
+    messages: list[str] = []
+    # a schema whose sections inherit keys from another (RunConfig: students from `defaults`)
+    # names the key where it was written, not where it was merged to
+    source_of = getattr(schema, "error_source", None)
     for e in err.errors():
-        loc = tuple(str(p) for p in e["loc"] if not _is_type_tag(p))
+        real = tuple(str(p) for p in e["loc"] if not _is_type_tag(p))
+        loc = source_of(real, data or {}) if source_of is not None else real
         key = ".".join(loc) or "(top level)"
         where = source
         if any(_is_prefix(loc, o) or _is_prefix(o, loc) for o in overridden):
@@ -637,7 +642,7 @@ def _format_errors(
             where = f"{source}:{lines[loc[:-1]]}"
         if e["type"] == "extra_forbidden":
             valid = _fields_at(schema, tuple(p for p in e["loc"][:-1] if not _is_type_tag(p)))
-            close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+            close = difflib.get_close_matches(real[-1], valid, n=1, cutoff=0.5)
             hint = f"did you mean '{'.'.join((*loc[:-1], close[0]))}'?" if close else ""
             options = f"valid keys here: {', '.join(valid)}" if valid else ""
             messages.append(f"{where}: unknown key '{key}'. " + " ".join(x for x in (hint, options) if x))
@@ -647,7 +652,7 @@ def _format_errors(
             got = e.get("input")
             got_s = f" (got {got!r}, a {type(got).__name__})" if not isinstance(got, dict) else ""
             messages.append(f"{where}: key '{key}': {e['msg']}{got_s}")
-    return "invalid config:\n  " + "\n  ".join(messages)
+    return "invalid config:\n  " + "\n  ".join(dict.fromkeys(messages))  # one inherited key, said once
 
 
 def load_config(path: str | Path | None, schema: type[M], overrides: list[str] | None = None) -> M:
@@ -680,7 +685,7 @@ def load_config(path: str | Path | None, schema: type[M], overrides: list[str] |
     try:
         return schema.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, schema, source, lines, overridden)) from None
+        raise ConfigError(_format_errors(err, schema, source, lines, overridden, data)) from None
 
 
 def dump_config(config: BaseModel) -> str:

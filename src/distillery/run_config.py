@@ -177,6 +177,14 @@ class StudentJob(TrainJobConfig):
         return self
 
 
+def _has_path(node: object, path: tuple[str, ...]) -> bool:
+    for part in path:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
 def _merge(base: dict, over: dict) -> dict:
     """``over`` on top of ``base``, mappings merged key by key (lists and values replaced)."""
     out = copy.deepcopy(base)
@@ -206,6 +214,16 @@ class RunConfig(StrictModel):
                 name: _merge(data["defaults"], s) if isinstance(s, dict) else s
                 for name, s in data["students"].items()}}
         return data
+
+    @classmethod
+    def error_source(cls, loc: tuple[str, ...], data: dict) -> tuple[str, ...]:
+        """Where a student's invalid key was written: in the student, or in ``defaults``
+        (read by :func:`distillery.config.load_config` to name the right key and line)."""
+        if len(loc) > 2 and loc[0] == "students" and isinstance(data.get("defaults"), dict):
+            own = (data.get("students") or {}).get(loc[1])
+            if not _has_path(own, loc[2:]) and _has_path(data["defaults"], loc[2:]):
+                return ("defaults", *loc[2:])
+        return loc
 
     @model_validator(mode="after")
     def _check_jobs(self) -> RunConfig:
