@@ -160,10 +160,9 @@ def test_retryable_failures_are_retried_by_a_rerun_and_later_phases_catch_up(tmp
     """Two chained phases against a real HTTP server: 503s (retries exhausted) make retryable
     rejects; the next run sends exactly those again, and the second phase, finished on the first
     phase's partial output, is re-opened for the records that were missing. A 400 stays final."""
-    from fault_server import Fault, FaultServer
-
     from distillery.teachers.openai import OpenAITeacher
     from distillery.teachers.phases import read_phase
+    from fault_server import Fault, FaultServer
 
     def run_both(server):
         teacher = OpenAITeacher("m", server.base_url, max_retries=0, max_concurrency=4)

@@ -306,7 +306,8 @@ def test_feedback_mechanics_and_rerun(tiny, demo, seeds, tmp_path):
     # every student answer ends graded or rejected with a reason, never both, never lost
     assert sorted([g["id"] for g in grades] + [r["meta"]["sample_id"] for r in rejects]) == \
         sorted(s["id"] for s in samples)
-    assert all(r["reason"].startswith("malformed") for r in rejects)  # the arithmetic model can't grade
+    # the grade prompt (~320 tokens) does not fit the demo model's 128-token context
+    assert all(r["reason"].startswith("too_long") for r in rejects)
     assert result.notes["samples"] == 6 and result.notes["graded"] == len(grades)
     assert result.preferences.exists() and result.records is not None
     assert "Score: <integer from 1 to 10>" in rejects[0]["messages"][-1]["content"]

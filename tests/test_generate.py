@@ -233,9 +233,23 @@ METHODS = {
 }
 
 
+@pytest.fixture(scope="module")
+def long_context_teacher(tmp_path_factory):
+    """A random 1-layer Llama with the demo tokenizer and 1024 positions: the methods' built-in
+    prompts (300-400 tokens) do not fit the demo teacher's 128, which makes them ``too_long``."""
+    from distillery.config import ModelConfig
+    from distillery.models import build_model, load_tokenizer, save_model
+
+    tok = load_tokenizer("assets/demo_teacher")
+    model = build_model(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, device="cpu",
+                                    max_position_embeddings=1024), tok)
+    path = save_model(model, tok, tmp_path_factory.mktemp("long_context_teacher"))
+    return {**DEMO, "model": str(path)}
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_method_runs_end_to_end_through_the_cli(tmp_path, method):
-    cfg = {"output_dir": str(tmp_path / "out"), "method": method, "teacher": DEMO,
+def test_every_method_runs_end_to_end_through_the_cli(tmp_path, method, long_context_teacher):
+    cfg = {"output_dir": str(tmp_path / "out"), "method": method, "teacher": long_context_teacher,
            "seeds": {"task": ARITH, "num": 4}, "sampling": {"max_new_tokens": 24},
            "labeling": {"chain_of_thought": False, "require_answer": False, "drop_truncated": False},
            **METHODS[method]}
