@@ -11,6 +11,11 @@ temperature 0, else temperature / top-p sampling with the row's own seeded gener
 its log-probs from the raw logits; a stopping criterion ends each row at its own ``max_tokens``,
 end token or stop string. So any mix of requests shares a batch, and a seeded request samples the
 same tokens whatever it is batched with.
+
+Hardening (docs/serve.md): per-request caps on rows and tokens, checked before any work; a
+request whose client disconnects is cancelled (dropped from the queue, or its rows ended at the
+next decode step); long prompts are tokenized on a thread pool, off the event loop; with a key,
+every path but ``/health`` needs it; a non-loopback host without a key is refused at start.
 """
 
 from __future__ import annotations
@@ -61,6 +66,11 @@ MAX_LOGPROBS = 20
 # hold the single worker for minutes or fill memory (40 prompts x n=128 once took 382 s, 3.2 GB).
 # 128 rows = OpenAI's largest ``n`` for one prompt; tokens count each row's prompt plus its
 # ``max_tokens`` (what the row's KV cache can grow to).
+# Prompts longer than this are rendered and tokenized on a thread pool, not the event loop (a
+# 1 MB prompt takes seconds). Shorter ones (well under a millisecond) stay inline: the hop to a
+# thread and back waits on the GIL the busy worker holds, which delayed every request enough to
+# shrink batches and cut throughput by more than half under load (bench/serve_load.py).
+INLINE_PROMPT_CHARS = 4096
 DEFAULT_MAX_ROWS = 128
 DEFAULT_MAX_TOKENS = 131_072
 
@@ -761,6 +771,17 @@ def _completion_prompts(tokenizer: PreTrainedTokenizerBase, prompt: Any) -> tupl
     return ids, texts
 
 
+def _prompt_size(prompt: Any) -> int:
+    """Characters (or token ids) in a request's prompt or messages: what tokenizing it costs."""
+    if isinstance(prompt, str):
+        return len(prompt)
+    if isinstance(prompt, _Message):
+        return _prompt_size(prompt.content if isinstance(prompt.content, str) else [p["text"] for p in prompt.content])
+    if isinstance(prompt, list):
+        return sum(_prompt_size(p) if not isinstance(p, int) else 1 for p in prompt)
+    return 0
+
+
 def _count_prompts(prompt: Any) -> int:
     """How many prompts a completions ``prompt`` holds (a string, token ids, or a list of them),
     known before anything is tokenized."""
@@ -858,7 +879,10 @@ async def _handle(served: _Served, request: Request, body: ChatRequest | Complet
         k, echo = body.logprobs, bool(body.echo)
         max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default
         param = "max_tokens"
-    prompts, texts = await loop.run_in_executor(served.pool, prepare)
+    if _prompt_size(body.messages if chat else body.prompt) > INLINE_PROMPT_CHARS:
+        prompts, texts = await loop.run_in_executor(served.pool, prepare)
+    else:
+        prompts, texts = prepare()
     max_tokens = _completion_budget(served, prompts, n, max_tokens, param, "messages" if chat else "prompt")
     temperature = 1.0 if body.temperature is None else body.temperature
     top_p = 1.0 if body.top_p is None else body.top_p
