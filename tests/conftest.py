@@ -65,3 +65,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def label_plainly(problems, teacher, params, out_path, show_progress: bool = False):
+    """Label problems as the demo's generate section does (labeling, the task's turns as they
+    are, the teacher's text kept whatever it says) into ``out_path``; returns its path."""
+    from pathlib import Path
+
+    from distillery.elicit.labeling import LabelingConfig, run_labeling
+    from distillery.elicit.seeds import task_seeds
+
+    out_path = Path(out_path)
+    cfg = LabelingConfig(chain_of_thought=False, require_answer=False, drop_truncated=False)
+    path, _ = run_labeling(task_seeds(problems), teacher, cfg, params, out_path.parent,
+                           phase=out_path.name.removesuffix(".jsonl"), show_progress=show_progress)
+    return path

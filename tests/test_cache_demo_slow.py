@@ -11,6 +11,7 @@ import json
 
 import pytest
 
+from conftest import label_plainly
 from distillery.capture import run_capture
 from distillery.config import (
     CaptureConfig,
@@ -23,7 +24,6 @@ from distillery.config import (
     TrainConfig,
     TrainJobConfig,
 )
-from distillery.elicit import label_problems
 from distillery.evaluate import evaluate_model
 from distillery.tasks import load_problems
 from distillery.teachers import HFTeacher, SamplingParams
@@ -44,7 +44,7 @@ TRAIN = {"objective": {"name": "logit_kd",
 @pytest.mark.slow
 def test_student_from_the_cache_matches_the_live_teacher_student(tmp_path):
     teacher = HFTeacher.from_pretrained(TEACHER, batch_size=500, device="cpu")
-    data = label_problems(load_problems(TASK, "train", 10000, seed=1), teacher,
+    data = label_plainly(load_problems(TASK, "train", 10000, seed=1), teacher,
                           SamplingParams(max_new_tokens=40), tmp_path / "labeled.jsonl", show_progress=False)
     manifest = run_capture(CaptureConfig(
         output_dir=str(tmp_path / "cache"), data=DataConfig(path=str(data), num_examples=10000),

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
+from conftest import label_plainly
 from distillery.config import TaskConfig
-from distillery.elicit.labeling import LabelingConfig, label_problems, parse_answer, run_labeling
+from distillery.elicit.labeling import LabelingConfig, parse_answer, run_labeling
 from distillery.elicit.seeds import Seed
 from distillery.records import read_jsonl
 from distillery.tasks import load_problems
@@ -146,7 +147,7 @@ def test_labeling_rejects_truncated_and_answerless_outputs(tmp_path, teacher):
 def test_demo_teacher_labels_with_provenance(tmp_path):
     teacher = HFTeacher.from_pretrained("assets/demo_teacher", device="cpu")
     problems = load_problems(TaskConfig(num_operands=3, digits=(1, 2)), "train", 16)
-    path = label_problems(problems, teacher, SamplingParams(max_new_tokens=48), tmp_path / "l.jsonl",
+    path = label_plainly(problems, teacher, SamplingParams(max_new_tokens=48), tmp_path / "l.jsonl",
                           show_progress=False)
     recs = read_jsonl(path)
     assert len(recs) == 16

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from distillery.elicit import label_problems
+from conftest import label_plainly
 from distillery.records import validate_sft_records
 from distillery.tasks import load_problems
 from distillery.teachers import HFTeacher, SamplingParams
@@ -56,11 +56,11 @@ def test_labeling_writes_contract_records_and_resumes(tmp_path, tiny_model_dir, 
     params = SamplingParams(max_new_tokens=6)
     out = tmp_path / "labeled.jsonl"
     # a first run that "died" after 5 records: its partial files hold them
-    label_problems(problems[:5], teacher, params, out, show_progress=False)
+    label_plainly(problems[:5], teacher, params, out, show_progress=False)
     for name in ("labeled.jsonl", "labeled.rejects.jsonl"):
         (tmp_path / name).rename(tmp_path / f"{name}.partial")
     before = teacher.stats.requests
-    label_problems(problems, teacher, params, out, show_progress=False)
+    label_plainly(problems, teacher, params, out, show_progress=False)
     assert teacher.stats.requests - before == 7  # only the missing ones were generated
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["meta"]["seed_id"] for r in records] == [p.id for p in problems]
@@ -68,7 +68,8 @@ def test_labeling_writes_contract_records_and_resumes(tmp_path, tiny_model_dir, 
     validate_sft_records(records, str(out))
     r = records[0]
     assert r["messages"][0] == {"role": "user", "content": problems[0].prompt}
-    assert r["reference"] is None  # the teacher labels unlabeled problems
+    # the record keeps the task's reference (for the verify filter); the teacher saw only the prompt
+    assert r["reference"] == problems[0].reference and len(r["messages"]) == 2
     assert r["meta"]["method"] == "labeling" and r["meta"]["teacher"] == str(tiny_model_dir)
     assert r["meta"]["sampling"]["max_new_tokens"] == 6
     assert not (tmp_path / "labeled.jsonl.partial").exists()

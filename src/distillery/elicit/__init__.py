@@ -1,5 +1,2 @@
-"""Knowledge elicitation: get training data out of a teacher."""
-
-from distillery.elicit.labeling import label_problems
-
-__all__ = ["label_problems"]
+"""Knowledge elicitation: get training data out of a teacher (``distillery generate``, see
+:func:`distillery.elicit.run.run_generate`)."""

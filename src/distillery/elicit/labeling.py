@@ -9,7 +9,6 @@ to reason without being told to), unless ``keep_instruction`` is set.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import replace
 from pathlib import Path
 
 from pydantic import Field
@@ -17,9 +16,8 @@ from pydantic import Field
 from distillery.answers import extract_final_answer, extract_with_pattern
 from distillery.chat import builtin, render
 from distillery.config import StrictModel
-from distillery.elicit.seeds import Seed, prompt_turns, task_seeds
+from distillery.elicit.seeds import Seed, prompt_turns
 from distillery.records import sft_record
-from distillery.tasks import Problem
 from distillery.teachers.base import GenerationRequest, GenerationResult, SamplingParams, Teacher
 from distillery.teachers.phases import Outcome, PhaseSummary, RecordCheck, ResponseCache, run_phase
 
@@ -118,24 +116,3 @@ def run_labeling(
         labeling_handler(cfg, teacher.name, method), out_dir,
         cache=cache, checks=checks, total=len(seeds), show_progress=show_progress,
     )
-
-
-def label_problems(
-    problems: list[Problem],
-    teacher: Teacher,
-    params: SamplingParams,
-    out_path: str | Path,
-    show_progress: bool = True,
-) -> Path:
-    """The demo pipeline's labeling: the task's turns as is, the teacher's chain as the answer.
-
-    The teacher sees only the prompt, never the reference. Writes ``out_path`` (and its rejects
-    next to it); resumes a killed run. Batches are the teacher's own ``batch_size``.
-    """
-    out_path = Path(out_path)
-    cfg = LabelingConfig(chain_of_thought=False, require_answer=False, drop_truncated=False)
-    # the task's turns (Problem.messages), without the reference: the teacher must not lean on it
-    seeds = [replace(seed, reference=None) for seed in task_seeds(problems)]
-    path, _ = run_labeling(seeds, teacher, cfg, params, out_path.parent,
-                           phase=out_path.name.removesuffix(".jsonl"), show_progress=show_progress)
-    return path
