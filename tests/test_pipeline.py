@@ -8,6 +8,7 @@ import sys
 from html import unescape
 from pathlib import Path
 
+import torch
 import yaml
 
 from distillery.config import load_config
@@ -168,3 +169,41 @@ def test_report_names_how_each_student_learned():
             "(loss={'kd_ratio': 0.5}, cross_tokenizer={'method': 'vocab_map'}) at batch 64, on the records the "
             "teacher wrote (labeling; the teacher never saw the answers).") in notes
     assert "- **student_sft_own_tokenizer**: 2 layers × 64 hidden from random weights, 1200 steps of sft " in notes
+
+
+def test_a_student_killed_mid_training_resumes_from_its_checkpoint(tmp_path):
+    """SIGKILL `distillery run` once a student has written a checkpoint: the next run continues
+    that student from it (same fingerprint) and ends with the weights of an uninterrupted run."""
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    from distillery.train.checkpoint import list_checkpoints
+
+    config = _tiny_run_config(tmp_path)
+    every = ["defaults.train.steps=40", "defaults.train.checkpoint.every=4", "defaults.train.checkpoint.keep_last=20"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    killed = tmp_path / "run"
+    ckpts = killed / "students" / "student_distilled.checkpoints"
+    proc = subprocess.Popen([CLI, "run", str(config), *every], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list_checkpoints(ckpts) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    left = list_checkpoints(ckpts)
+    assert left, "the run ended before a checkpoint of student_distilled was written"
+    again = subprocess.run([CLI, "run", str(config), *every], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed after step" in again.stderr
+
+    clean = subprocess.run([CLI, "run", str(config), *every, f"run_dir={tmp_path / 'clean'}"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    a = load_file(killed / "students" / "student_distilled" / "model.safetensors")
+    b = load_file(tmp_path / "clean" / "students" / "student_distilled" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not ckpts.exists()  # removed once the model is safe
