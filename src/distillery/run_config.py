@@ -89,7 +89,7 @@ class GenerateStage(GenerateJobConfig):
     ``seeds`` without ``task``/``path`` = problems of the run's task (``seeds.num`` of them).
     """
 
-    output_dir: str | None = None  # type: ignore[assignment]
+    output_dir: str | None = Field(None, exclude=True)  # type: ignore[assignment]  # the run's to set
     teacher: TeacherConfig | None = None  # type: ignore[assignment]
     seeds: RunSeeds = Field(default_factory=RunSeeds)  # type: ignore[assignment]
 
@@ -119,7 +119,7 @@ class CaptureStage(CaptureConfig):
     objective reads a logit cache train from it.
     """
 
-    output_dir: str | None = None  # type: ignore[assignment]
+    output_dir: str | None = Field(None, exclude=True)  # type: ignore[assignment]  # the run's to set
     data: DataConfig | None = None  # type: ignore[assignment]
     teacher: TeacherConfig | None = None  # type: ignore[assignment]
 
@@ -167,7 +167,7 @@ class StudentJob(TrainJobConfig):
     objective reads a cache.
     """
 
-    output_dir: str | None = None  # type: ignore[assignment]
+    output_dir: str | None = Field(None, exclude=True)  # type: ignore[assignment]  # the run's to set
     data: StudentData = Field(default_factory=StudentData)  # type: ignore[assignment]
 
     @model_validator(mode="after")
@@ -257,6 +257,8 @@ class RunConfig(StrictModel):
         job = s.model_dump(exclude={"data", "output_dir"})
         job["output_dir"] = str(Path(self.run_dir) / "students" / name)
         job["data"] = self._student_data(s.data)
+        if s.model.prune is not None and s.model.prune.source == "teacher":
+            job["model"]["prune"]["source"] = str(teacher_dir)  # the student is the teacher, pruned
         if s.tokenizer == TokenizerConfig() and s.model.path is None:
             job["tokenizer"] = {"path": str(teacher_dir)}  # a new model speaks the teacher's tokens
         needs = get_objective(s.train.objective.name).needs_for(s.train.objective)
