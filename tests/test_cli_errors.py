@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from distillery.cli import _Commands
 from distillery.errors import DistilleryError, MissingInputError
+from distillery.outputs import claim_dir
 from distillery.train.checkpoint import checkpoint_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,6 +94,8 @@ def test_train_prints_a_bad_record_file_as_one_message(job, tmp_path):
 
 
 def test_train_refuses_to_bury_unfinished_checkpoints_in_one_message(job, tmp_path):
+    # what a killed run leaves: its marked checkpoint directory (distillery.outputs)
+    claim_dir(tmp_path / "out.checkpoints", "distillery train", "")
     (tmp_path / "out.checkpoints" / checkpoint_name(10)).mkdir(parents=True)
     res = _train(job())
     assert res.returncode == 2, res.stderr[-2000:]

@@ -234,6 +234,8 @@ def test_a_resumed_train_loop_continues_the_coins_and_the_run(tok, teacher, tmp_
     whole, history = run(tmp_path / "whole", False)
     (halfway,) = [p for p in (tmp_path / "whole").iterdir() if p.name.endswith("4")]
     shutil.copytree(halfway, tmp_path / "resumed" / halfway.name)
+    # with its marker: a checkpoint directory is replaced and written into only when distillery made it
+    shutil.copy(tmp_path / "whole" / ".distillery", tmp_path / "resumed" / ".distillery")
     resumed, rest = run(tmp_path / "resumed", True)
     assert rest == history[4:]
     assert [on for _, on, _ in history] == flips

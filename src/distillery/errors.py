@@ -38,3 +38,13 @@ class DataError(DistilleryError, ValueError):
 class ForeignOutputError(DistilleryError, FileExistsError):
     """An output directory already holds files that distillery did not write: never deleted or
     mixed into; says to move them or to choose another directory."""
+
+
+class CorruptFileError(DistilleryError, ValueError):
+    """A file that cannot be read as what it should be (not UTF-8, torn JSON, a truncated
+    weights file); names the file (and line where known) and what to do."""
+
+
+class DiskFullError(DistilleryError, OSError):
+    """The disk filled up (ENOSPC) while distillery wrote a file: names the path, what was being
+    written and what survives; freeing space and re-running resumes."""

@@ -13,7 +13,6 @@ process.
 from __future__ import annotations
 
 import hashlib
-import shutil
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from distillery.config import (
     load_config,
 )
 from distillery.elicit.run import print_summary, run_generate
-from distillery.errors import ForeignOutputError, MissingInputError
+from distillery.errors import MissingInputError
 from distillery.evaluate.stages import (
     Stage,
     compare_models,
@@ -41,6 +40,7 @@ from distillery.evaluate.stages import (
 )
 from distillery.models import read_meta
 from distillery.objective_registry import get_objective
+from distillery.outputs import claim_dir, read_marker, remove_dir
 from distillery.records import read_jsonl
 from distillery.run_config import RunConfig
 from distillery.train.checkpoint import latest_checkpoint
@@ -80,26 +80,22 @@ def prepare_teacher(cfg: RunConfig, run_dir: Path) -> tuple[Path, str]:
     return out, fp
 
 
-STAGE_MARK = ".distillery-stage"  # in each stage directory the run creates: whose it is, and under what
+RUN = "distillery run"
+RUN_HINT = "move it away, or choose another run_dir"
 
 
 def _claim(directory: Path, fingerprint: str) -> None:
-    """Make ``directory`` the output of a stage under ``fingerprint``.
+    """Make ``directory`` the output of a stage under ``fingerprint`` (kept in its marker).
 
     The same fingerprint (an interrupted stage) is kept, so that the stage resumes; a directory
     the run made under another fingerprint is stale and removed (it is the run's own); anything
-    else that is not empty is the user's, and never deleted.
+    else that is not empty is the user's, and never deleted (:mod:`distillery.outputs`).
     """
-    mark = directory / STAGE_MARK
-    if mark.is_file():
-        if mark.read_text() == fingerprint:
-            return
-        shutil.rmtree(directory)
-    elif directory.exists() and any(directory.iterdir()):
-        raise ForeignOutputError(f"{directory} exists and was not made by distillery run: move it away, "
-                              "or choose another run_dir")
-    directory.mkdir(parents=True, exist_ok=True)
-    mark.write_text(fingerprint)
+    marker = read_marker(directory)
+    if marker is not None and marker.get("fingerprint") == fingerprint:
+        return
+    remove_dir(directory, RUN, RUN_HINT)
+    claim_dir(directory, RUN, RUN_HINT, fingerprint=fingerprint)
 
 
 def generate_stage(cfg: RunConfig, run_dir: Path, teacher_dir: Path, teacher_fp: str) -> tuple[Path, str]:
@@ -158,7 +154,8 @@ def _resumable(job: TrainJobConfig, started: Path, fingerprint: str) -> bool:
     ckpt = checkpoint_dir(job)
     same = started.is_file() and started.read_text() == fingerprint
     if latest_checkpoint(ckpt) is not None and not same and started.is_file():
-        shutil.rmtree(ckpt)  # the run's own checkpoints, from another config
+        # the run's own checkpoints, from another config
+        remove_dir(ckpt, RUN, "move it away, or set the student's train.checkpoint.dir elsewhere")
     started.parent.mkdir(parents=True, exist_ok=True)
     started.write_text(fingerprint)
     return same and latest_checkpoint(ckpt) is not None
@@ -225,6 +222,13 @@ def _describe_model(job: TrainJobConfig) -> str:
     m = job.model
     if m.path:
         return f"`{m.path}`" + (" with LoRA" if job.train.lora is not None else "")
+    if m.prune:
+        p = m.prune
+        kept = [f"{p.layers} layers ({p.method})" if p.layers else
+                f"{p.keep_ratio:.0%} of the layers ({p.method})" if p.keep_ratio else "",
+                f"{p.mlp_ratio:.0%} of the MLP channels" if p.mlp_ratio else "",
+                f"{p.heads} heads" if p.heads else "", f"{p.hidden} hidden" if p.hidden else ""]
+        return f"`{p.source}` pruned to " + ", ".join(k for k in kept if k)
     return f"{m.num_layers} layers × {m.hidden_size} hidden from random weights"
 
 

@@ -13,14 +13,20 @@ partial file and never leaves a half-written final file behind.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.markup import escape
+
 from distillery.errors import DistilleryError
+from distillery.files import decode_utf8, disk_space
 
 
 class RecordError(DistilleryError, ValueError):
@@ -115,18 +121,30 @@ def word_tokens(text: str) -> list[str]:
     return _WORD.findall(text.casefold())
 
 
-def iter_jsonl(path: str | Path, error: type[ValueError] = RecordError) -> Iterator[tuple[int, Any]]:
-    """``(line number, value)`` for every non-blank line; a bad line raises ``error`` naming
-    the file and line."""
+def iter_jsonl(path: str | Path, error: type[DistilleryError] = RecordError
+               ) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for every non-blank line; a line that is not UTF-8, not JSON,
+    or a JSON value other than an object raises ``error`` naming the file and line."""
     path = Path(path)
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            # decoded line by line: the error names the line, and a large file is never whole in memory
+            line = decode_utf8(raw, path, error, first_line=lineno)
             if not line.strip():
                 continue
             try:
-                yield lineno, json.loads(line)
+                value = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise error(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(value, dict):
+                raise error(f"{path}:{lineno}: each line must be a JSON object {{...}}, got "
+                            f"{_json_kind(value)}")
+            yield lineno, value
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -159,6 +177,59 @@ def validate_sft_records(records: list[dict], source: str) -> None:
             raise RecordError(f"{source}: record {i}: the last message must be the assistant's")
 
 
+def drop_empty_answers(records: list[dict], source: str) -> list[dict]:
+    """The valid "messages" records without those that have an empty (or blank) assistant turn.
+
+    Training on an empty answer teaches the model to stop at once, and a teacher that returns
+    nothing produces such records, so they are left out with one warning that names ``source``
+    and counts them; when every record is empty that is an error.
+    """
+    empty = [i for i, rec in enumerate(records, 1)
+             if any(m["role"] == "assistant" and not m["content"].strip() for m in rec["messages"])]
+    if not empty:
+        return records
+    shown = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
+    what = (f"{source}: {len(empty)} of {len(records)} records have an empty assistant turn "
+            f"(records {shown})")
+    if len(empty) == len(records):
+        raise RecordError(f"{what}: nothing to train on; fill in the answers")
+    Console(stderr=True).print("[yellow]warning:[/yellow] " + escape(
+        f"{what}: they are left out, since training on them teaches the model to answer "
+        "nothing; remove them or fill in their answers"), soft_wrap=True)
+    drop = set(empty)
+    return [rec for i, rec in enumerate(records, 1) if i not in drop]
+
+
+_warned_nonfinite: set[str] = set()
+
+
+def _finite(value: Any, key: str, bad: list[str]) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        bad.append(key or "(value)")
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v, f"{key}.{k}" if key else str(k), bad) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v, f"{key}[{i}]", bad) for i, v in enumerate(value)]
+    return value
+
+
+def json_text(obj: Any, where: str | Path, **kwargs: Any) -> str:
+    """``json.dumps(obj)`` that never writes NaN or Infinity, which are not JSON (``jq``, JS and
+    most readers reject the file): each non-finite float becomes ``null``, with one warning per
+    file ``where`` naming the keys. Every JSON file distillery writes goes through this."""
+    bad: list[str] = []
+    clean = _finite(obj, "", bad)
+    if bad and str(where) not in _warned_nonfinite:
+        _warned_nonfinite.add(str(where))
+        shown = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
+        Console(stderr=True).print(
+            "[yellow]warning:[/yellow] " + escape(f"{where}: {len(bad)} value(s) not a finite number "
+                                                  f"({shown}) written as null (JSON has no NaN or "
+                                                  "Infinity)"), soft_wrap=True)
+    return json.dumps(clean, allow_nan=False, **kwargs)
+
+
 class JsonlWriter:
     """Append records to ``path.partial``; ``finish()`` renames it to ``path`` atomically.
 
@@ -189,10 +260,12 @@ class JsonlWriter:
             return {json.loads(line)["id"] for line in f if line.strip()}
 
     def write(self, records: Iterable[dict]) -> None:
-        for rec in records:
-            self._f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        with disk_space(self.partial, "records", f"the complete records before it are kept in "
+                        f"{self.partial} (a torn last line is dropped on resume)"):
+            for rec in records:
+                self._f.write(json_text(rec, self.path, ensure_ascii=False) + "\n")
+            self._f.flush()
+            os.fsync(self._f.fileno())
 
     def finish(self) -> Path:
         self._f.close()
@@ -205,8 +278,8 @@ def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    with _atomic(path, tmp), tmp.open("w", encoding="utf-8") as f:
+        f.writelines(json_text(r, path, ensure_ascii=False) + "\n" for r in rows)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -218,5 +291,18 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False))
+    with _atomic(path, tmp):
+        tmp.write_text(json_text(obj, path, indent=2, sort_keys=False))
     os.replace(tmp, path)
+
+
+@contextmanager
+def _atomic(path: Path, tmp: Path) -> Iterator[None]:
+    """A full disk while writing ``tmp`` (renamed over ``path`` after): the temp file is removed
+    and the error says the old ``path`` is intact."""
+    try:
+        with disk_space(path, path.name, f"the previous {path.name} (if any) is unchanged"):
+            yield
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -30,6 +30,7 @@ from distillery.elicit.feedback import run_feedback
 from distillery.elicit.filters import FilterReport, run_filters
 from distillery.elicit.seeds import load_seeds
 from distillery.elicit.self_knowledge import run_self_knowledge
+from distillery.outputs import claim_dir
 from distillery.records import read_jsonl, write_json_atomic, write_jsonl_atomic
 from distillery.teachers import Teacher, build_teacher
 from distillery.teachers.base import TeacherError
@@ -81,6 +82,8 @@ def _check_work_dir(work_dir: Path, fingerprint: str, config_text: str) -> None:
                 "configs in one dataset: use another output_dir, or delete that one to start over."
                 " (Changing only `filters` is fine: it re-filters without new requests.)")
         return
+    # a new generate run: its output_dir (records.jsonl, config.yaml) must not be a user's folder
+    claim_dir(work_dir.parent, "distillery generate", "choose another output_dir, or move the files out of it")
     work_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(marker, {"fingerprint": fingerprint})
     (work_dir.parent / "config.yaml").write_text(config_text)

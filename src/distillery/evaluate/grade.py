@@ -62,8 +62,6 @@ def _match(path: Path, task: TaskConfig, pool: list[Problem]) -> tuple[list[Prob
         raise GradeInputError(f"outputs file not found: {path}")
     for lineno, rec in iter_jsonl(path, GradeInputError):
         where = f"{path}:{lineno}"
-        if not isinstance(rec, dict):
-            raise GradeInputError(f'{where}: each line must be a JSON object {{"id" or "prompt", "output"}}')
         if "output" not in rec or not (rec["output"] is None or isinstance(rec["output"], str)):
             raise GradeInputError(f'{where}: needs "output", the model\'s text (a string, or null for none)')
         if rec.get("id") is not None and str(rec["id"]) in by_id:

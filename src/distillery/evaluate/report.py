@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +11,13 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
+import yaml  # noqa: E402
 
-from distillery.errors import DataError, MissingInputError
+from distillery.errors import CorruptFileError, DataError, MissingInputError
 from distillery.evaluate.lm_eval_adapter import format_lm_eval  # noqa: E402
 from distillery.evaluate.pitfalls import Pitfall, format_pitfalls, run_pitfall_checks  # noqa: E402
 from distillery.evaluate.stats import bootstrap_ratio  # noqa: E402
+from distillery.files import read_json, read_text  # noqa: E402
 from distillery.records import read_jsonl, write_json_atomic  # noqa: E402
 
 MODEL_KEYS = ("accuracy", "ci95", "tokens_per_s", "params")
@@ -351,13 +352,44 @@ def render_html(metrics: dict, card: dict[str, dict], pitfalls: list[Pitfall], p
 # --------------------------------------------------------------------------- from a run directory
 
 
+def _read_object(path: Path, fix: str) -> dict:
+    """The JSON object in ``path``; a torn file (a kill or a full disk outside distillery's
+    atomic writes, a hand edit) is an error naming it, with ``fix``."""
+    value = read_json(path, what=fix)
+    if not isinstance(value, dict):
+        raise CorruptFileError(f"{path}: must hold a JSON object {{...}}: {fix}")
+    return value
+
+
+def saved_eval_settings(run_dir: Path) -> dict:
+    """The ``eval`` section of ``run_dir/config.yaml`` (the run's own settings, so a rebuilt
+    report's intervals match the first one); {} when the run has no config.yaml. A file that is
+    not UTF-8 YAML with a mapping at the top is an error naming it and its line."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(read_text(path)) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise CorruptFileError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', None) or exc}): "
+                               "fix or delete the file (without it the report uses the default "
+                               "eval settings)") from None
+    evaluation = data.get("eval", {}) if isinstance(data, dict) else None
+    if not isinstance(evaluation, dict):
+        raise CorruptFileError(f"{path}: must be a mapping with an `eval` mapping, as `distillery "
+                               "run` writes it: fix or delete the file")
+    return evaluation
+
+
 def load_items(run_dir: Path, names: list[str]) -> dict[str, list[dict]]:
     """Per-item results ``eval/<name>.json["items"]`` of the models that have them."""
     out = {}
     for name in names:
         path = run_dir / "eval" / f"{name}.json"
         if path.is_file():
-            out[name] = json.loads(path.read_text()).get("items") or []
+            out[name] = _read_object(path, "rerun the eval to rewrite it").get("items") or []
     return {n: v for n, v in out.items() if v}
 
 
@@ -425,7 +457,11 @@ def build_report(run_dir: str | Path, header: str | None = None, resamples: int 
     path = run_dir / "metrics.json"
     if not path.is_file():
         raise MissingInputError(f"{path} not found: give a run directory that `distillery run` wrote")
-    metrics = json.loads(path.read_text())
+    metrics = _read_object(path, "rerun `distillery run` or `distillery eval` to rewrite it")
+    for key, kind in (("models", dict), ("task", str), ("n_eval", int)):
+        if not isinstance(metrics.get(key), kind):
+            raise CorruptFileError(f"{path}: needs {key!r} ({kind.__name__}), as `distillery run` "
+                                   "writes it: rerun the run or eval to rewrite the file")
     reference = metrics.get("reference", "teacher")
     if reference not in metrics.get("models", {}):
         raise DataError(f"{path} has no models.{reference} entry: the scorecard compares the other models to it")

@@ -28,6 +28,7 @@ from distillery.evaluate.grading import judge_teacher, task_grader
 from distillery.evaluate.report import NOTES_FILE, build_report, write_metrics
 from distillery.evaluate.run import evaluate_model, probe_speed
 from distillery.evaluate.stats import bootstrap_ratio, paired_bootstrap_diff
+from distillery.outputs import claim_dir
 from distillery.records import write_json_atomic
 from distillery.tasks import load_problems
 from distillery.teachers import HFTeacher, SamplingParams
@@ -189,7 +190,8 @@ def judge_all(
     stage = Stage(run_dir, "judge")
     if stage.done(fp, summary_path):
         return json.loads(summary_path.read_text())
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # marked: a stale judging's phase files in it are deleted, so it must be ours
+    claim_dir(out_dir, "distillery eval (judge)", "move it away, or choose another run_dir")
     _reset_phases(out_dir, fp)
     items = {name: r["items"][: jc.max_items] for name, r in results.items()}
     params = SamplingParams(max_new_tokens=jc.max_new_tokens, temperature=0.0, seed=cfg.seed)

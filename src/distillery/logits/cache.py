@@ -15,6 +15,7 @@ import numpy as np
 
 from distillery.chat import IGNORE
 from distillery.errors import DistilleryError
+from distillery.files import disk_space
 from distillery.logits.format import (
     FORMAT_VERSION,
     SUFFIX,
@@ -24,6 +25,7 @@ from distillery.logits.format import (
     fsync_dir,
     write_shard,
 )
+from distillery.outputs import claim_dir
 
 MANIFEST = "manifest.json"
 CAPTURE = "capture.json"  # the writer's settings, written first: a resume must match them
@@ -101,22 +103,36 @@ class CacheWriter:
     """Buffer examples and write a shard atomically every ``shard_size`` of them; ``finish`` writes
     the last one and ``manifest.json``. Opening an existing directory resumes it: complete shards
     are kept (their ids in :meth:`done_ids`), partial ``*.tmp`` files removed; ``add`` skips an id
-    already written. ``codec_opts`` go to :func:`write_shard` (``logprob_bits``, ``max_kl``)."""
+    already written. ``codec_opts`` go to :func:`write_shard` (``logprob_bits``, ``max_kl``).
+    ``source`` fingerprints what the examples are made from (the records, ``max_seq_len``, ...);
+    it is kept in ``capture.json`` and the manifest, and resuming from another source is refused,
+    as are another teacher, tokenizer or k."""
 
     def __init__(self, out_dir: str | os.PathLike, *, teacher: str, tokenizer_hash: str, k: int,
                  temperature: float, vocab_size: int, shard_size: int = 1024,
-                 **codec_opts: Any) -> None:
-        self.dir = Path(out_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+                 source: dict[str, Any] | None = None, **codec_opts: Any) -> None:
+        # marked: resuming removes our partial files in it, never a user's
+        self.dir = claim_dir(Path(out_dir), "distillery capture",
+                             "choose another output_dir, or move the files out of it")
         self.shard_size = shard_size
         self.codec_opts = codec_opts
         self.settings = {"teacher": teacher, "tokenizer_hash": tokenizer_hash, "k": k,
                          "temperature": float(temperature), "vocab_size": vocab_size,
                          "format_version": FORMAT_VERSION}
+        if source is not None:
+            self.settings["source"] = source
         cap = self.dir / CAPTURE
         if cap.exists():
             old = json.loads(cap.read_text())
             diff = {key: (old.get(key), v) for key, v in self.settings.items() if old.get(key) != v}
+            if "source" in diff:
+                # the shards on disk hold other examples under the same ids: resuming would
+                # report success on stale teacher rows
+                changed = sorted(key for key, v in (source or {}).items()
+                                 if (old.get("source") or {}).get(key) != v)
+                raise CacheMismatchError(
+                    f"cache at {self.dir} was captured from other records or settings "
+                    f"({', '.join(changed)} changed): use another output_dir or delete it")
             if diff:
                 raise CacheMismatchError(f"cache {self.dir} was started with other settings "
                                          f"(old, new): {diff}; use another directory")
@@ -161,8 +177,10 @@ class CacheWriter:
         if not self._buffer:
             return
         path = self.dir / _shard_name(self._next)
-        nbytes = write_shard(path, self._buffer, self.settings["k"], self.settings["vocab_size"],
-                             **self.codec_opts)
+        with disk_space(path, f"logit cache shard {path.name}", f"the {len(self.shards)} complete "
+                        f"shards in {self.dir} are kept (a re-run captures only the rest)"):
+            nbytes = write_shard(path, self._buffer, self.settings["k"], self.settings["vocab_size"],
+                                 **self.codec_opts)
         self.shards.append({"file": path.name, "count": len(self._buffer), "bytes": nbytes,
                             "tokens": sum(len(e.token_ids) for e in self._buffer)})
         self._done |= self._buffered
@@ -175,8 +193,11 @@ class CacheWriter:
         m = Manifest(teacher=s["teacher"], tokenizer_hash=s["tokenizer_hash"], k=s["k"],
                      temperature=s["temperature"], vocab_size=s["vocab_size"],
                      count=sum(x["count"] for x in self.shards), format_version=FORMAT_VERSION,
-                     shards=list(self.shards), extra=dict(extra or {}, **self.codec_opts))
-        _write_json_atomic(self.dir / MANIFEST, asdict(m))
+                     shards=list(self.shards), extra=dict(extra or {}, **self.codec_opts,
+                                                          **({"source": s["source"]} if "source" in s else {})))
+        with disk_space(self.dir / MANIFEST, "the cache manifest", f"every shard in {self.dir} is "
+                        "complete (a re-run only writes the manifest)"):
+            _write_json_atomic(self.dir / MANIFEST, asdict(m))
         return m
 
 

@@ -26,7 +26,13 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from distillery.config import ConfigError, LoraConfig, ModelConfig
 from distillery.errors import DistilleryError, MissingExtraError
-from distillery.models.loading import DTYPES, load_model, resolve_device
+from distillery.models.loading import (
+    DTYPES,
+    check_model_source,
+    hub_errors,
+    load_model,
+    resolve_device,
+)
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -147,10 +153,12 @@ def _load_4bit(model_cfg: ModelConfig, gradient_checkpointing: bool) -> PreTrain
         bnb_4bit_compute_dtype=compute,
     )
     device = resolve_device(model_cfg.device)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_cfg.path, quantization_config=quant, dtype=compute,
-        device_map={"": device.index or 0}, trust_remote_code=model_cfg.trust_remote_code,
-    )
+    local = check_model_source(model_cfg.path)
+    with hub_errors(model_cfg.path, local):
+        model = AutoModelForCausalLM.from_pretrained(
+            model_cfg.path, quantization_config=quant, dtype=compute,
+            device_map={"": device.index or 0}, trust_remote_code=model_cfg.trust_remote_code,
+        )
     return _peft().prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},

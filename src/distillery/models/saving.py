@@ -6,12 +6,13 @@ itself built on loading; keeping it here keeps ``loading -> lora -> saving`` one
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from distillery.files import disk_space
 from distillery.models.lora import is_peft_model, save_peft_model
+from distillery.records import json_text
 
 
 def save_model(
@@ -32,11 +33,14 @@ def save_model(
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if is_peft_model(model):
-        save_peft_model(model, out)
-    else:
-        model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
-    tokenizer.save_pretrained(out)
-    if meta is not None:
-        (out / "distillery.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    with disk_space(out, "the model (weights, tokenizer)", "the training checkpoints (if any) "
+                    "are kept, and a half-written model is never renamed over a finished one"):
+        if is_peft_model(model):
+            save_peft_model(model, out)
+        else:
+            model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
+        tokenizer.save_pretrained(out)
+        if meta is not None:
+            (out / "distillery.json").write_text(json_text(meta, out / "distillery.json", indent=2,
+                                                           sort_keys=True))
     return out

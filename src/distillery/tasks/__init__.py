@@ -8,7 +8,12 @@ from dataclasses import replace
 from distillery.answers import GradeItem, GraderOptions, grade
 from distillery.chat import task_messages
 from distillery.config import DataConfig, TaskConfig
-from distillery.records import ground_truth_records, read_jsonl, validate_sft_records
+from distillery.records import (
+    drop_empty_answers,
+    ground_truth_records,
+    read_jsonl,
+    validate_sft_records,
+)
 from distillery.tasks.arithmetic import Problem, generate_problems
 from distillery.tasks.jsonl import read_task_file, split_task_file
 
@@ -38,13 +43,15 @@ def load_records(data: DataConfig, validate: bool = True) -> list[dict]:
     ground-truth targets. The train and capture stages both read their data through this, so a
     cache captured from a data section lines up with a student trained on the same section.
 
-    ``validate`` checks "messages" records (off for preference records, checked by their own
-    objective).
+    ``validate`` checks "messages" records and leaves out, with a warning, those with an empty
+    answer (:func:`~distillery.records.drop_empty_answers`); off for preference records,
+    checked by their own objective.
     """
     if data.path is not None:
         records = read_jsonl(data.path)
         if validate:
             validate_sft_records(records, data.path)
+            records = drop_empty_answers(records, data.path)
         return records[: data.num_examples]
     assert data.task is not None  # DataConfig requires exactly one of path or task
     problems = load_problems(data.task, "train", data.num_examples, seed=data.seed)

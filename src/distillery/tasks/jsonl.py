@@ -22,7 +22,7 @@ def read_task_file(path: str | Path) -> list[Problem]:
         raise TaskFileError(f"task file not found: {path}")
     problems, ids = [], set()
     for lineno, rec in iter_jsonl(path, TaskFileError):
-        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+        if not isinstance(rec.get("prompt"), str):
             raise TaskFileError(f'{path}:{lineno}: each line needs a string "prompt"')
         if "reference" not in rec:
             raise TaskFileError(f'{path}:{lineno}: missing "reference" (the ground-truth answer)')

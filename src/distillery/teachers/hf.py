@@ -44,6 +44,11 @@ class HFTeacher:
         self.name = name or getattr(model.config, "_name_or_path", "") or "hf-model"
         self.stats = GenerationStats()
 
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the model's input embedding: a token id at or above it cannot be scored."""
+        return self.model.get_input_embeddings().num_embeddings
+
     @classmethod
     def from_pretrained(
         cls, path: str | Path, batch_size: int = 64, device: str = "auto",

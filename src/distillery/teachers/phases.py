@@ -43,6 +43,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from distillery.files import disk_space
 from distillery.records import read_jsonl, write_jsonl_atomic
 from distillery.teachers.base import Generation, GenerationRequest, GenerationResult, Teacher
 
@@ -328,17 +329,23 @@ def run_phase(
                 _sync(f_rec, f_rej)
                 pending_sync = 0
 
-        try:
-            for result in teacher.stream(todo()):
+        # a full disk (the response cache, the .partial files, or their flush on close): one
+        # error; what was written before it is complete and resumes
+        where = f"{files.records.parent}" + (f" or {cache.path}" if cache is not None else "")
+        with disk_space(where, f"the {name} phase's teacher results",
+                        "every request finished before it is kept (response cache and .partial "
+                        "files)"):
+            try:
+                for result in teacher.stream(todo()):
+                    while hits:
+                        consume(hits.popleft())
+                    consume(result)
                 while hits:
                     consume(hits.popleft())
-                consume(result)
-            while hits:
-                consume(hits.popleft())
-        finally:
-            _sync(f_rec, f_rej)
-            f_rec.close()
-            f_rej.close()
+            finally:
+                _sync(f_rec, f_rej)
+                f_rec.close()
+                f_rej.close()
     final = _summary_from_files(name, files, partial=True)
     incomplete = bool(final.retryable) or any(flag for _, flag in earlier)
     if incomplete:

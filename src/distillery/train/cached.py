@@ -15,11 +15,10 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from distillery.chat import tokenize_messages
 from distillery.errors import DataError
 from distillery.logits.cache import CacheMismatchError, LogitCache, stored_positions
 from distillery.logits.topk import LOG_TAIL_FLOOR
-from distillery.train.data import Collator, SFTDataset
+from distillery.train.data import Collator, SFTDataset, tokenize_records
 
 
 class CachedSFTDataset(SFTDataset):
@@ -31,21 +30,24 @@ class CachedSFTDataset(SFTDataset):
         self.cache = cache
         self.items, self.ids = [], []
         missing = []
-        for r in records:
-            item = tokenize_messages(r["messages"], tokenizer, max_len)
+        # capture skips the records with no stored position the same way (see stored_positions)
+        items, kept = tokenize_records(records, tokenizer, max_len)
+        for item, i in zip(items, kept):
+            rid = records[i]["id"]
             if not len(stored_positions(item["labels"])):
                 continue
-            if r["id"] not in cache:
-                missing.append(r["id"])
+            if rid not in cache:
+                missing.append(rid)
                 continue
             self.items.append(item)
-            self.ids.append(r["id"])
+            self.ids.append(rid)
         if missing:
             raise CacheMismatchError(
                 f"{len(missing)} training records are not in the logit cache {cache.dir} "
                 f"(first: {missing[0]!r}): capture this dataset (distillery capture) with the same data")
         if not self.items:
-            raise DataError("no record has an assistant token left after truncation to max_seq_len")
+            raise DataError("no record has an assistant token left after truncation to "
+                            f"train.max_seq_len={max_len}: raise it or shorten the records")
 
     def __getitem__(self, i: int) -> dict:
         item, rid = self.items[i], self.ids[i]

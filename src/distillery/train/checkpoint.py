@@ -22,6 +22,8 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from distillery.errors import DistilleryError
+from distillery.errors import DiskFullError, DistilleryError
+from distillery.files import disk_space
+from distillery.outputs import claim_dir
+from distillery.records import json_text
 
 PREFIX = "step_"
 
@@ -155,21 +160,27 @@ def save_checkpoint(
     final = root / checkpoint_name(step)
     tmp = root / (final.name + ".tmp")
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        # marked, so that a user's directory named as train.checkpoint.dir is never taken
+        claim_dir(root, "distillery train",
+                  "set train.checkpoint.dir to another directory, or move the files out of it")
+        shutil.rmtree(tmp, ignore_errors=True)  # our half-written step, inside our marked root
         tmp.mkdir()
     sync()
-    (tmp / f"rng_rank{rank}.json").write_text(json.dumps(rng_state()))
-    if rank == 0:
-        save_file(trainable_state(model), tmp / "model.safetensors")
-        modules = list(getattr(objective, "trainable", []))
-        if modules:
-            save_file(_modules_state(modules), tmp / "objective.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        objective_state = objective.state_dict() if hasattr(objective, "state_dict") else None
-        meta = {**state, "step": step, "world_size": world_size,
-                "scheduler": scheduler.state_dict(), "objective_state": objective_state}
-        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+    with _disk_full(tmp, final.name):
+        (tmp / f"rng_rank{rank}.json").write_text(json.dumps(rng_state()))
+        if rank == 0:
+            save_file(trainable_state(model), tmp / "model.safetensors")
+            modules = list(getattr(objective, "trainable", []))
+            if modules:
+                save_file(_modules_state(modules), tmp / "objective.safetensors")
+            # through a file object: a full disk then surfaces as the file's ENOSPC (torch.save
+            # given a path reports it as an opaque "unexpected pos" RuntimeError)
+            with open(tmp / "optimizer.pt", "wb") as f:
+                torch.save(optimizer.state_dict(), f)
+            objective_state = objective.state_dict() if hasattr(objective, "state_dict") else None
+            meta = {**state, "step": step, "world_size": world_size,
+                    "scheduler": scheduler.state_dict(), "objective_state": objective_state}
+            (tmp / "state.json").write_text(json_text(meta, root / "state.json", indent=1))
     sync()
     if rank == 0:
         _fsync_dir(tmp)
@@ -180,6 +191,20 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     sync()
     return final
+
+
+@contextmanager
+def _disk_full(tmp: Path, name: str) -> Iterator[None]:
+    """A full disk while writing checkpoint ``name`` into ``tmp``: the half-written ``tmp`` is
+    removed (freeing its space) and the error says the earlier checkpoints are intact."""
+    try:
+        with disk_space(tmp.parent, f"checkpoint {name}", f"the earlier checkpoints in "
+                        f"{tmp.parent} are kept (`distillery train CONFIG --resume` continues "
+                        "from the last one)"):
+            yield
+    except DiskFullError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def load_checkpoint(

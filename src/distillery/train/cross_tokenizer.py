@@ -35,10 +35,9 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from distillery.errors import DataError
 from distillery.logits.cache import CacheMismatchError, LogitCache, stored_positions
 from distillery.train.alignment import AlignedExample, align_messages, group_starts
-from distillery.train.data import Collator
+from distillery.train.data import Collator, report_truncation
 
 SAME, CHAIN, COARSER = 0, 1, 2
 
@@ -86,8 +85,11 @@ class CrossTokenizerDataset(torch.utils.data.Dataset):
                  teacher_tok: PreTrainedTokenizerBase, max_len: int, cache: LogitCache | None = None) -> None:
         self.items: list[dict] = []
         self.cache = cache
+        cut = []
         for r in records:
             ex = align_messages(r["messages"], student_tok, teacher_tok, max_len)
+            if len(ex.student_input_ids) >= max_len:  # the alignment keeps no uncut length
+                cut.append(max_len)
             if not any(label != -100 for label in ex.student_labels):
                 continue
             rows = compared_rows(ex)
@@ -100,8 +102,7 @@ class CrossTokenizerDataset(torch.utils.data.Dataset):
                 item.update(teacher_positions=stored_positions(ex.teacher_labels),
                             teacher_offsets=ex.teacher_offsets)
             self.items.append(item)
-        if not self.items:
-            raise DataError("no record has an assistant token left after truncation to max_seq_len")
+        report_truncation(len(records), cut, len(records) - len(self.items), max_len)
 
     def _checked(self, item: dict) -> object:
         """The cached example of ``item``, decoded once and checked against the alignment's

@@ -11,7 +11,6 @@ inputs reuses it and any change retrains it.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 from accelerate import PartialState
@@ -26,10 +25,14 @@ from distillery.models import (
     read_meta,
     save_model,
 )
+from distillery.outputs import check_replaceable, claim_dir, remove_dir, replace_dir
 from distillery.train.loop import train_loop
 from distillery.train.objectives import BuildContext, build_training_parts
 
 console = Console(stderr=True)
+
+FT = "distillery train (teacher_finetune)"
+FT_HINT = "move the files out of it, or choose another output_dir (the fine-tuned teacher goes beside it)"
 
 
 def teacher_finetune_dir(job_cfg: TrainJobConfig) -> Path:
@@ -95,8 +98,9 @@ def finetune_teacher(
     # the process group is the loop's to set up, so before it the rank comes from the launcher
     tmp = out.with_name(out.name + ".tmp")
     if os.environ.get("RANK", "0") == "0":
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        check_replaceable(out, FT, FT_HINT)  # before the fine-tuning, not after it
+        remove_dir(tmp, FT, FT_HINT)
+        claim_dir(tmp, FT, FT_HINT)
         console.print(f"fine-tuning the teacher {teacher.path} on {len(dataset)} records for {ft_cfg.steps} steps")
     result = train_loop(model, objective, dataset, collate, ft_cfg,
                         log_path=tmp / "train_log.jsonl", show_progress=show_progress)
@@ -108,9 +112,7 @@ def finetune_teacher(
                 "teacher_finetune": ft_cfg.model_dump(mode="json"), "records": len(records),
                 "steps": result.steps, "seconds": result.seconds, "final_loss": result.final_loss}
         save_model(teacher_ft, tok, tmp, meta=meta)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        replace_dir(tmp, out, FT, FT_HINT)
         console.print(f"saved the fine-tuned teacher {out} (final loss {result.final_loss:.4f})")
     state.wait_for_everyone()
     return out

@@ -19,6 +19,7 @@ from accelerate import Accelerator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from distillery.config import TrainConfig
+from distillery.records import json_text
 
 
 def _truncate_log(path: Path, after_step: int) -> None:
@@ -116,7 +117,7 @@ class TrainLogger:
             entry = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tps, **metrics}
             self.history.append(entry)
             if self.log_path is not None:
-                self.file.write(json.dumps(entry) + "\n")
+                self.file.write(json_text(entry, self.log_path) + "\n")
                 self.file.flush()
             if self.cfg.trackers:
                 self.accelerator.log({k: v for k, v in entry.items() if k != "step"}, step=step)

@@ -18,7 +18,6 @@ so two processes reproduce one process's loss curve. The data order is a functio
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +50,9 @@ class TrainResult:
     steps: int
     seconds: float
     tokens: int
-    final_loss: float
+    # the last step's loss; a run resumed from its final checkpoint takes the checkpoint's
+    # (None for a checkpoint written before the loss was stored there)
+    final_loss: float | None
     history: list[dict] = field(default_factory=list)
     resumed_from: int = 0  # the step a resumed run started after (0 = from scratch)
     # FSDP: the student's full weights, gathered from the shards (on the main process only)
@@ -185,10 +186,11 @@ def train_loop(
     if resume and checkpoint_dir is not None:
         state = _resume(Path(checkpoint_dir), run_config, **parts)
     start_step, tokens_total = state["step"], state["tokens"]
+    # a resume from the last step runs no step: its final loss is the checkpoint's
+    loss_value: float | None = state.get("loss")
 
     logger = TrainLogger(cfg, accelerator, log_path, show_progress, start_step)
     model.train()
-    loss_value = math.nan
     with logger:
         for step in range(start_step + 1, cfg.steps + 1):
             loss_value, n_tokens, metrics = _step(step, model, objective, teacher, dataset, collate,
@@ -201,7 +203,8 @@ def train_loop(
             if resumable and checkpoint_dir is not None and ((every and step % every == 0) or step == cfg.steps):
                 save_checkpoint(checkpoint_dir, step, **parts, barrier=accelerator.wait_for_everyone,
                                 keep_last=cfg.checkpoint.keep_last,
-                                state={"tokens": tokens_total, "run_config": run_config})
+                                state={"tokens": tokens_total, "run_config": run_config,
+                                       "loss": loss_value})
     accelerator.wait_for_everyone()
     # sharded weights are gathered by every process together, then saved by the main one
     full = accelerator.get_state_dict(model) if accelerator.distributed_type == DistributedType.FSDP else None

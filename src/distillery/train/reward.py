@@ -27,16 +27,15 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from distillery.answers import GradeItem, build_grader
-from distillery.chat import IGNORE, builtin, render, tokenize_messages
+from distillery.chat import IGNORE, builtin, render
 from distillery.config import ConfigError
-from distillery.errors import DataError
 from distillery.losses.forms import cross_entropy_per_token
 from distillery.models.vocab import VocabMismatchError
 from distillery.records import RecordError
 from distillery.teachers import SamplingParams, Teacher
 from distillery.teachers.phases import MalformedOutput
 from distillery.teachers.replies import parse_grade
-from distillery.train.data import Collator
+from distillery.train.data import Collator, tokenize_records
 from distillery.train.sampling import unwrap
 from distillery.train.targets import teacher_inputs
 
@@ -281,18 +280,15 @@ class RewardDataset(torch.utils.data.Dataset):
     def __init__(self, records: list[dict], tokenizer: PreTrainedTokenizerBase, max_len: int,
                  require_reference: bool = False) -> None:
         self.records, self.prompts, self.items = [], [], []
-        for i, record in enumerate(records):
-            if require_reference:
+        if require_reference:
+            for i, record in enumerate(records):
                 record_reference(record, i)
-            item = tokenize_messages(record["messages"], tokenizer, max_len)
-            if all(x == IGNORE for x in item["labels"]):
-                continue
+        items, kept = tokenize_records(records, tokenizer, max_len)
+        for item, i in zip(items, kept):
             item["index"] = len(self.records)
             self.items.append(item)
-            self.records.append(record)
-            self.prompts.append(_question(record["messages"]))
-        if not self.items:
-            raise DataError("no record has an assistant token left after truncation to max_seq_len")
+            self.records.append(records[i])
+            self.prompts.append(_question(records[i]["messages"]))
 
     def __len__(self) -> int:
         return len(self.items)
