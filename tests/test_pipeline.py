@@ -207,3 +207,31 @@ def test_a_student_killed_mid_training_resumes_from_its_checkpoint(tmp_path):
     b = load_file(tmp_path / "clean" / "students" / "student_distilled" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not ckpts.exists()  # removed once the model is safe
+
+
+def test_every_objective_is_a_student_of_a_run(tmp_path):
+    """A run's students are whole train jobs: preference on the generated pairs, reward with a
+    verifier (no teacher loaded) or the teacher's log-probs (the run's teacher, live), LoRA on a
+    model from a path, a student pruned from the run's teacher; each resolves to the job
+    `distillery train` would run."""
+    cfg = load_config(None, RunConfig, [
+        "teacher.path=/models/teacher", f"run_dir={tmp_path}", "generate.method=feedback",
+        "generate.student={backend: hf, model: /models/student}",
+        "students.pref.model.path=/models/student", "students.pref.data.source=preferences",
+        "students.pref.train.objective=preference",
+        "students.rl.model.path=/models/student", "students.rl.train.objective={name: reward, source: verifier}",
+        "students.rl_teacher.model.path=/models/student",
+        "students.rl_teacher.train.objective={name: reward, source: teacher_logprob}",
+        "students.lora.model.path=/models/student", "students.lora.train.lora={r: 8}",
+        "students.pruned.model.prune={source: teacher, layers: 2}", "students.pruned.train.objective=logit_kd",
+    ])
+    teacher = Path("/models/teacher")
+    pref, rl, rl_t, lora, pruned = (cfg.student_job(n, teacher) for n in ("pref", "rl", "rl_teacher", "lora", "pruned"))
+    assert pref.data.path == str(tmp_path / "generate" / "preferences.jsonl") and pref.teacher is None
+    assert rl.teacher is None and rl.data.path == str(tmp_path / "generate" / "records.jsonl")
+    assert rl_t.teacher is not None and rl_t.teacher.path == str(teacher)
+    assert lora.train.lora.r == 8 and lora.model.path == "/models/student" and lora.tokenizer.path is None
+    assert pruned.model.prune.source == str(teacher) and pruned.teacher.path == str(teacher)
+    assert pruned.tokenizer.path == str(teacher)  # a model built here speaks the teacher's tokens
+    assert {j.output_dir for j in (pref, rl, rl_t, lora, pruned)} == {
+        str(tmp_path / "students" / n) for n in ("pref", "rl", "rl_teacher", "lora", "pruned")}
