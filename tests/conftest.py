@@ -80,3 +80,22 @@ def label_plainly(problems, teacher, params, out_path, show_progress: bool = Fal
     path, _ = run_labeling(task_seeds(problems), teacher, cfg, params, out_path.parent,
                            phase=out_path.name.removesuffix(".jsonl"), show_progress=show_progress)
     return path
+
+
+def tiny_train_job(tmp_path, **sections):
+    """A `distillery train` config for a 1-layer model on 16 arithmetic problems, written to
+    ``tmp_path/train.yaml`` (top-level ``sections`` replace the defaults'); returns its path."""
+    import yaml
+
+    cfg = {
+        "output_dir": str(tmp_path / "out"),
+        "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_position_embeddings": 64,
+                  "device": "cpu"},
+        "tokenizer": {"vocab_size": 300},
+        "data": {"task": {"name": "arithmetic", "num_operands": 2, "digits": [1, 2]}, "num_examples": 16},
+        "train": {"objective": "sft", "steps": 2, "batch_size": 4, "max_seq_len": 48},
+        **sections,
+    }
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

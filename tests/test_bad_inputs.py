@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import tiny_train_job
 from distillery.errors import CorruptFileError, DiskFullError, MissingInputError
 from distillery.records import (
     JsonlWriter,
@@ -45,18 +46,8 @@ def _one_message(res: subprocess.CompletedProcess, *needles: str) -> None:
 
 
 def _train_config(tmp_path: Path, **data) -> Path:
-    cfg = {
-        "output_dir": str(tmp_path / "out"),
-        "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_position_embeddings": 64,
-                  "device": "cpu"},
-        "tokenizer": {"vocab_size": 300},
-        "data": {"task": {"name": "arithmetic", "num_operands": 2, "digits": [1, 2]}, "num_examples": 16},
-        "train": {"objective": "sft", "steps": 2, "batch_size": 4, "max_seq_len": 48},
-        **data,
-    }
-    path = tmp_path / "train.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return tiny_train_job(tmp_path, **data)
+
 
 
 # --------------------------------------------------------------------------- text that is not UTF-8

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import typer
-import yaml
 from typer.testing import CliRunner
 
+from conftest import tiny_train_job
 from distillery.cli import _Commands
 from distillery.errors import DistilleryError, MissingInputError
 from distillery.outputs import claim_dir
@@ -66,21 +66,7 @@ def _train(config: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def job(tmp_path):
-    def write(**data) -> Path:
-        cfg = {
-            "output_dir": str(tmp_path / "out"),
-            "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_position_embeddings": 64,
-                      "device": "cpu"},
-            "tokenizer": {"vocab_size": 300},
-            "data": {"task": {"name": "arithmetic", "num_operands": 2, "digits": [1, 2]}, "num_examples": 16},
-            "train": {"objective": "sft", "steps": 2, "batch_size": 4, "max_seq_len": 48},
-            **data,
-        }
-        path = tmp_path / "train.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        return path
-
-    return write
+    return lambda **data: tiny_train_job(tmp_path, **data)
 
 
 def test_train_prints_a_bad_record_file_as_one_message(job, tmp_path):

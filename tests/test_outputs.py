@@ -17,6 +17,7 @@ import pytest
 import yaml
 from safetensors import safe_open
 
+from conftest import tiny_train_job
 from distillery.errors import ForeignOutputError
 from distillery.outputs import MARKER, claim_dir, recover, remove_dir, replace_dir
 
@@ -35,17 +36,8 @@ def _train(config: Path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def config(tmp_path) -> Path:
-    cfg = {
-        "output_dir": str(tmp_path / "out"),
-        "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_position_embeddings": 64,
-                  "device": "cpu"},
-        "tokenizer": {"vocab_size": 300},
-        "data": {"task": {"name": "arithmetic", "num_operands": 2, "digits": [1, 2]}, "num_examples": 16},
-        "train": {"objective": "sft", "steps": 2, "batch_size": 4, "max_seq_len": 48},
-    }
-    path = tmp_path / "train.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return tiny_train_job(tmp_path)
+
 
 
 def _steps_of_complete_model(directory: Path) -> int:
