@@ -300,7 +300,8 @@ class TrainConfig(StrictModel):
     # a registered objective: {name: logit_kd, kd_ratio: 0.5, ...}, or a bare name (``sft``)
     objective: SerializeAsAny[ObjectiveConfig] = Field(
         default_factory=lambda: objective_config("sft"))
-    steps: int = Field(1000, ge=1)
+    # 0: no training, the student is saved as initialised (e.g. a pruned model, as a baseline)
+    steps: int = Field(1000, ge=0)
     # the global batch of one optimizer step: split over processes, then into grad_accum_steps
     # micro-batches (each process takes batch_size / (processes × grad_accum_steps) examples)
     batch_size: int = Field(64, ge=1)

@@ -38,12 +38,14 @@ from distillery.evaluate.stages import (
     task_name,
     write_eval_report,
 )
-from distillery.models import read_meta
+from distillery.models import merge_adapter, read_meta
+from distillery.models.gguf import cached_conversion, read_template
 from distillery.objective_registry import get_objective
-from distillery.outputs import claim_dir, read_marker, remove_dir
+from distillery.outputs import claim_dir, read_marker, remove_dir, replace_dir
 from distillery.records import read_jsonl
 from distillery.run_config import RunConfig
 from distillery.train.checkpoint import latest_checkpoint
+from distillery.train.finetune_teacher import files_signature
 from distillery.train.job import checkpoint_dir, run_train_job
 from distillery.train.objectives import describe
 
@@ -51,8 +53,12 @@ console = Console(stderr=True)
 
 
 def prepare_teacher(cfg: RunConfig, run_dir: Path) -> tuple[Path, str]:
-    """The teacher's directory and fingerprint: ``teacher.path`` if it fits the task, else trained
-    by ``teacher.recipe`` into ``<run_dir>/teacher``."""
+    """The teacher's directory and fingerprint: ``teacher.path`` (or ``teacher.gguf`` converted
+    into the cache) with ``teacher.adapter`` merged into ``<run_dir>/teacher``; else
+    ``teacher.path`` if it fits the task, else trained by ``teacher.recipe`` into
+    ``<run_dir>/teacher``."""
+    if cfg.teacher.gguf is not None or cfg.teacher.adapter is not None:
+        return _adapted_teacher(cfg, run_dir)
     shipped = Path(cfg.teacher.path) if cfg.teacher.path else None
     if shipped is not None and (shipped / "config.json").is_file():
         meta_task = read_meta(shipped).get("task")
@@ -76,6 +82,36 @@ def prepare_teacher(cfg: RunConfig, run_dir: Path) -> tuple[Path, str]:
     if not stage.done(fp, out / "config.json"):
         console.rule("teacher: training from the recipe " + cfg.teacher.recipe)
         run_train_job(recipe)
+        stage.finish(fp)
+    return out, fp
+
+
+def _adapted_teacher(cfg: RunConfig, run_dir: Path) -> tuple[Path, str]:
+    """A converted GGUF and/or a model directory, with the LoRA adapter merged when one is given."""
+    t = cfg.teacher
+    if t.gguf is not None:
+        console.rule(f"teacher: {t.gguf}")
+        base = cached_conversion(t.gguf, chat_template=read_template(t.chat_template),
+                                 say=console.print)
+        base_fp = config_hash((read_marker(base) or {}).get("source", {}).get("sha256"),
+                              (read_marker(base) or {}).get("options"))
+    else:
+        base = Path(str(t.path))
+        base_fp = config_hash(str(base.resolve()), files_signature(base))
+    if t.adapter is None:
+        return base, base_fp
+    adapter = Path(t.adapter)
+    out = run_dir / "teacher"
+    fp = config_hash(base_fp, sorted((f.name, _file_fp(f)) for f in adapter.iterdir() if f.is_file())
+                     if adapter.is_dir() else str(adapter))
+    stage = Stage(run_dir, "teacher")
+    if not stage.done(fp, out / "config.json"):
+        console.print(f"teacher: merging the adapter {adapter} into {base}")
+        tmp = run_dir / "teacher.tmp"
+        remove_dir(tmp, RUN, RUN_HINT)
+        claim_dir(tmp, RUN, RUN_HINT, fingerprint=fp)
+        merge_adapter(base, adapter, tmp, meta={"base": str(base), "adapter": str(adapter)})
+        replace_dir(tmp, out, RUN, RUN_HINT)
         stage.finish(fp)
     return out, fp
 
@@ -196,7 +232,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
 def baseline_student(cfg: RunConfig) -> str | None:
     """The student the others are compared with, paired: the first trained on the task's ground
     truth, else the first whose objective needs no teacher (plain SFT on the teacher's text)."""
-    names = list(cfg.students)
+    names = [n for n in cfg.students if cfg.students[n].train.steps > 0]  # not an untrained baseline
     on_task = [n for n in names if cfg.students[n].data.source == "task"]
     objectives = {n: cfg.students[n].train.objective for n in names}
     needs = {n: get_objective(o.name).needs_for(o) for n, o in objectives.items()}

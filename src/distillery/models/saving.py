@@ -10,8 +10,10 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from distillery.errors import DistilleryError, MissingInputError
 from distillery.files import disk_space
-from distillery.models.lora import is_peft_model, save_peft_model
+from distillery.models.loading import load_model, load_tokenizer
+from distillery.models.lora import is_peft_model, peft_module, save_peft_model
 from distillery.records import json_text
 
 
@@ -44,3 +46,28 @@ def save_model(
             (out / "distillery.json").write_text(json_text(meta, out / "distillery.json", indent=2,
                                                            sort_keys=True))
     return out
+
+
+def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out: str | Path,
+                  meta: dict | None = None) -> Path:
+    """Write ``base_dir`` with the LoRA adapter of ``adapter_dir`` merged in, as a plain HF
+    directory ``out`` (the base's tokenizer and generation config kept).
+
+    ``adapter_dir``: a peft adapter (``adapter_config.json`` + ``adapter_model.safetensors``);
+    its ``base_model_name_or_path`` is ignored: the adapter goes on ``base_dir``. A tensor that
+    does not fit the base (another model's adapter) raises, naming the directory.
+    """
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise MissingInputError(f"{adapter_dir}: no adapter_config.json; teacher.adapter must be a peft "
+                                "LoRA directory (a train job with lora.merge: false writes one)")
+    peft = peft_module()
+    base = load_model(str(base_dir), device="cpu")
+    try:
+        model = peft.PeftModel.from_pretrained(base, str(adapter_dir))
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise DistilleryError(f"{adapter_dir}: the adapter does not fit the model in {base_dir} "
+                              f"({str(exc).splitlines()[0]}); was it trained on another model?") from None
+    merged = model.merge_and_unload()
+    tokenizer = load_tokenizer(str(base_dir))
+    return save_model(merged, tokenizer, out, meta=meta)

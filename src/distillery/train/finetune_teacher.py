@@ -41,7 +41,7 @@ def teacher_finetune_dir(job_cfg: TrainJobConfig) -> Path:
     return out.with_name(out.name + ".teacher_ft")
 
 
-def _files_signature(path: str) -> list[tuple[str, int, int]] | str:
+def files_signature(path: str) -> list[tuple[str, int, int]] | str:
     """Name, size and mtime of each file of a local model directory (a hub id: the id itself)."""
     p = Path(path)
     if not p.is_dir():
@@ -56,7 +56,7 @@ def finetune_fingerprint(teacher: ModelConfig, ft_cfg: TrainConfig, records: lis
     does not change what the teacher learns.
     """
     texts = [r.get("messages") for r in records]
-    return config_hash(teacher, _files_signature(teacher.path), ft_cfg, texts)
+    return config_hash(teacher, files_signature(teacher.path), ft_cfg, texts)
 
 
 def _teacher_tokenizer(teacher: ModelConfig, fallback: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
