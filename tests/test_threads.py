@@ -98,3 +98,35 @@ def test_every_command_applies_the_setting_before_torch_works() -> None:
     bad = _env_command(DISTILLERY_THREADS="lots")
     assert bad.returncode == 2
     assert "DISTILLERY_THREADS='lots' is not a whole number" in bad.stderr
+
+
+def _config_threads(tmp_path: Path, value: object, *cli: str, **env: str) -> subprocess.CompletedProcess:
+    """`distillery config show` of a train config with a top-level `threads:` key, printing the
+    threads torch ended up with."""
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(f"threads: {value}\noutput_dir: {tmp_path / 'out'}\ndata: {{task: {{num_operands: 2}}}}\n")
+    code = ("import sys, torch; from distillery.cli import app; sys.argv = ['distillery', *sys.argv[1:]]\n"
+            "try:\n    app()\nexcept SystemExit as e:\n    print('torch threads', torch.get_num_threads()); "
+            "sys.exit(e.code)")
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "DISTILLERY_THREADS")}
+    return subprocess.run([sys.executable, "-c", code, *cli, "config", "show", str(cfg), "--kind", "train"],
+                          capture_output=True, text=True, env={**clean, **env}, timeout=120)
+
+
+@pytest.mark.skipif(available_cpus() < 2, reason="needs 2 CPUs to tell the config's 1 from the default")
+def test_a_config_threads_key_applies_unless_the_option_or_variable_chose(tmp_path: Path) -> None:
+    by_config = _config_threads(tmp_path, 1)
+    assert by_config.returncode == 0, by_config.stderr
+    assert "torch threads 1" in by_config.stdout
+    assert "threads:" not in by_config.stdout.split("torch threads")[0]  # not a job key
+
+    by_option = _config_threads(tmp_path, 1, "--threads", "2")
+    assert "torch threads 2" in by_option.stdout, by_option.stderr
+    by_env = _config_threads(tmp_path, 1, DISTILLERY_THREADS="2")
+    assert "torch threads 2" in by_env.stdout, by_env.stderr
+    over_omp = _config_threads(tmp_path, 1, OMP_NUM_THREADS="2")
+    assert "torch threads 1" in over_omp.stdout, over_omp.stderr
+
+    bad = _config_threads(tmp_path, "many")
+    assert bad.returncode == 2
+    assert "job.yaml: threads: 'many' is not a number of threads" in bad.stderr

@@ -55,7 +55,7 @@ def _settings(
     from distillery.threads import apply_threads, resolve_threads
 
     resolved, source = resolve_threads(threads)
-    apply_threads(resolved)
+    apply_threads(resolved, source)
     ctx.obj = {"threads": resolved, "threads_from": source}
 
 

@@ -30,6 +30,7 @@ from distillery.answers import GraderConfig, NumericOptions
 from distillery.errors import DistilleryError
 from distillery.files import read_text
 from distillery.objective_registry import objective_config, objective_needs
+from distillery.threads import apply_config_threads
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -717,6 +718,9 @@ def load_config(path: str | Path | None, schema: type[M], overrides: list[str] |
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(data).__name__}")
+    if "threads" in data and "threads" not in schema.model_fields:
+        # every config may say how many CPU threads its command uses (docs/threads.md)
+        apply_config_threads(data.pop("threads"), source)
     apply_overrides(data, overrides, schema)
     overridden = {tuple(parse_override(o)[0]) for o in overrides}
     try:

@@ -111,13 +111,37 @@ def resolve_threads(option: int | None, env: Mapping[str, str] = os.environ,
     return wanted, source
 
 
-def apply_threads(threads: int) -> None:
+# where the number applied by the command came from (set by the CLI through ``apply_threads``)
+_applied_from: str | None = None
+
+
+def apply_config_threads(value: object, where: str) -> None:
+    """A config file's top-level ``threads:`` key: applied unless ``--threads`` or
+    ``$DISTILLERY_THREADS`` chose the number (they win), over ``$OMP_NUM_THREADS`` and the
+    default. ``where``: the config file, named in errors."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DistilleryError(f"{where}: threads: {value!r} is not a number of threads; give a whole "
+                              "number >= 1, or remove the key (default: the CPUs available)")
+    if _applied_from is not None and _applied_from.startswith(("--threads", ENV)):
+        return
+    cpus = available_cpus()
+    apply_threads(min(value, cpus), f"{where} (threads: {value}" + (f", capped at {cpus} CPUs)" if value > cpus else ")"))
+
+
+def applied_from() -> str | None:
+    """Where the thread count in force came from (None: no distillery command set one)."""
+    return _applied_from
+
+
+def apply_threads(threads: int, source: str | None = None) -> None:
     """Make torch and the processes distillery starts use ``threads`` threads.
 
     The variables reach subprocesses (and a torch imported later); ``set_num_interop_threads``
     raises once torch has started parallel work, when it can no longer be changed: then the
     inter-op pool keeps its size (it only runs independent ops side by side, rarely on CPU).
     """
+    global _applied_from
+    _applied_from = source
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
     import torch
