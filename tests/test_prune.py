@@ -223,6 +223,14 @@ def test_a_run_student_pruned_from_the_teacher(tmp_path):
     job = cfg.student_job("student_kd", Path("/teachers/t"))
     assert job.model.prune.source == "/teachers/t" and job.model.path is None
     assert _describe_model(job) == "`/teachers/t` pruned to 1 layers (block_influence), 50% of the MLP channels"
+    # students pruned the same way from the same data share one pruned directory under the run
+    cfg = load_config(Path(__file__).parents[1] / "configs/demo.yaml", RunConfig, [
+        "defaults.model={prune: {source: teacher, layers: 1}}", "students.twin={train: {objective: sft}}",
+        "students.third={model: {prune: {layers: 2}}, train: {objective: sft}}"])
+    dirs = {n: cfg.student_job(n, Path("/teachers/t")).model.prune.output_dir for n in cfg.students}
+    assert all(Path(d).parent == Path(cfg.run_dir) / "pruned" for d in dirs.values())
+    assert dirs["student_distilled"] == dirs["twin"]
+    assert len({dirs["student_distilled"], dirs["third"], dirs["student_ground_truth"]}) == 3  # settings, data
 
 
 def test_prune_command(tmp_path, tiny_tokenizer, records):

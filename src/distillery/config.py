@@ -107,6 +107,9 @@ class PruneConfig(StrictModel):
     calibration: str = "data"
     num_examples: int = Field(64, ge=1)
     max_len: int = Field(512, ge=2)
+    # where the pruned model is written before training; null: <output_dir>.pruned (in
+    # `distillery run`: <run_dir>/pruned/<settings>, shared by students pruned the same way)
+    output_dir: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> PruneConfig:

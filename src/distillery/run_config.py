@@ -39,6 +39,7 @@ from distillery.config import (
     TeacherConfig,
     TokenizerConfig,
     TrainJobConfig,
+    config_hash,
 )
 from distillery.elicit.config import GenerateJobConfig, SeedsConfig
 from distillery.objective_registry import get_objective
@@ -274,6 +275,11 @@ class RunConfig(StrictModel):
         job["data"] = self._student_data(s.data)
         if s.model.prune is not None and s.model.prune.source == "teacher":
             job["model"]["prune"]["source"] = str(teacher_dir)  # the student is the teacher, pruned
+        if s.model.prune is not None and s.model.prune.output_dir is None:
+            # students pruned the same way from the same source share one directory (pruned once;
+            # the calibration records are in the pruned model's fingerprint, so other data re-prunes)
+            settings = config_hash(job["model"]["prune"], job["data"])
+            job["model"]["prune"]["output_dir"] = str(Path(self.run_dir) / "pruned" / settings)
         if s.tokenizer == TokenizerConfig() and s.model.path is None:
             job["tokenizer"] = {"path": str(teacher_dir)}  # a new model speaks the teacher's tokens
         needs = get_objective(s.train.objective.name).needs_for(s.train.objective)

@@ -110,7 +110,10 @@ def _student(cfg: TrainJobConfig, tokenizer: PreTrainedTokenizerBase) -> nn.Modu
 
 
 def pruned_dir(cfg: TrainJobConfig) -> Path:
-    """Where ``model.prune`` writes the student before training: ``<output_dir>.pruned``."""
+    """Where ``model.prune`` writes the student before training: ``model.prune.output_dir``,
+    else ``<output_dir>.pruned``."""
+    if cfg.model.prune is not None and cfg.model.prune.output_dir is not None:
+        return Path(cfg.model.prune.output_dir)
     out = Path(cfg.output_dir)
     return out.with_name(out.name + ".pruned")
 
