@@ -10,6 +10,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(request, tmp_path_factory, monkeypatch):
+    """Fast tests never write into the user's cache folder (~/.cache/distillery: converted models,
+    vocabulary mappings); the slow real-model tests use it, so conversions are reused."""
+    if request.node.get_closest_marker("slow") is None and "DISTILLERY_CACHE" not in os.environ:
+        monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path_factory.getbasetemp() / "distillery_cache"))
+
+
 @pytest.fixture(scope="session")
 def task_cfg():
     from distillery.config import TaskConfig

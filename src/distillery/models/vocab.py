@@ -267,12 +267,10 @@ def _student_index(student_tok: PreTrainedTokenizerBase) -> dict[str, int]:
 def _special_pairs(teacher_tok: PreTrainedTokenizerBase, student_tok: PreTrainedTokenizerBase) -> dict[int, int]:
     """Teacher special id → student special id: by role (eos↔eos even when their text differs),
     else by equal content."""
-    s_by_content = {student_tok.added_tokens_decoder[i].content: i for i in _special_ids(student_tok)}
-    pairs = {}
-    for i in _special_ids(teacher_tok):
-        content = teacher_tok.added_tokens_decoder[i].content
-        if content in s_by_content:
-            pairs[i] = s_by_content[content]
+    # added_tokens_decoder is rebuilt on every access (22 ms on Gemma's 6,272): read each once
+    t_added, s_added = teacher_tok.added_tokens_decoder, student_tok.added_tokens_decoder
+    s_by_content = {t.content: i for i, t in s_added.items() if t.special}
+    pairs = {i: s_by_content[t.content] for i, t in t_added.items() if t.special and t.content in s_by_content}
     for role in ROLES:
         t, s = getattr(teacher_tok, f"{role}_token_id"), getattr(student_tok, f"{role}_token_id")
         if t is not None and s is not None:

@@ -34,10 +34,10 @@ from distillery.models import load_tokenizer
 from distillery.models.vocab import (
     TokenizerComparison,
     VocabMapping,
-    build_vocab_mapping,
     compare_tokenizers,
     require_shared_vocab,
 )
+from distillery.models.vocab_cache import cached_vocab_mapping
 from distillery.train.cached import CachedCollator, CachedSFTDataset
 from distillery.train.cross_tokenizer import CrossTokenizerCollator, CrossTokenizerDataset
 from distillery.train.objectives.base import (
@@ -227,13 +227,16 @@ class CrossTokenizerKDObjective:
     """``logit_kd`` from a teacher with another tokenizer: see the module doc.
 
     ``mapping`` carries teacher ids to student ids (:func:`distillery.models.vocab.build_vocab_mapping`);
-    ``spec`` gives the divergence mix, temperature and CE weight; ``cfg`` the method.
+    None for ``uld``, which compares sorted distributions and needs none. ``spec`` gives the
+    divergence mix, temperature and CE weight; ``cfg`` the method.
     """
 
-    def __init__(self, spec: LossSpec, cfg: CrossTokenizerConfig, mapping: VocabMapping,
+    def __init__(self, spec: LossSpec, cfg: CrossTokenizerConfig, mapping: VocabMapping | None,
                  cached: bool = False) -> None:
         self.spec, self.cfg, self.mapping, self.cached = spec, cfg, mapping, cached
         self.method = cfg.resolved_method
+        if mapping is None and self.method != "uld":
+            raise ValueError(f"cross-tokenizer method {self.method!r} needs a vocabulary mapping")
         self.trainable: list[nn.Module] = []
 
     def _live_teacher_rows(self, batch: dict[str, torch.Tensor], teacher: nn.Module
@@ -300,6 +303,7 @@ class CrossTokenizerKDObjective:
         if self.method == "uld":
             uld, parts = cross_tokenizer_per_position(s_rows, t_ids, t_lp, t_tail, method="uld", **kw)
             return uld_scale * uld, parts
+        assert self.mapping is not None  # checked in __init__
         mapping = self.mapping.teacher_to_student.to(device)
         t1 = batch["xt_teacher_token"].to(device)
         if self.method == "hybrid":
@@ -378,10 +382,14 @@ def _cross_tokenizer_parts(ctx: BuildContext, teacher_tok: PreTrainedTokenizerBa
     xt, cache = cfg.cross_tokenizer, ctx.cache
     if xt is None:  # require_shared_vocab raised already for a config without it
         raise ValueError("the tokenizers differ: set train.objective.cross_tokenizer")
-    mapping = build_vocab_mapping(teacher_tok, ctx.tokenizer, relation.teacher_size, relation.student_size,
-                                  prefix=xt.mapping == "prefix")
-    console.print(f"cross-tokenizer {xt.resolved_method}: {mapping.n_mapped} of {mapping.n_tokens} teacher "
-                  f"tokens map to student tokens ({100 * mapping.coverage:.1f}%; {mapping.n_prefix} by prefix)")
+    mapping = None
+    if xt.resolved_method == "uld":  # sorted distributions: no token identity, no mapping to build
+        console.print("cross-tokenizer uld: compares sorted distributions, no vocabulary mapping")
+    else:
+        mapping = cached_vocab_mapping(teacher_tok, ctx.tokenizer, relation.teacher_size, relation.student_size,
+                                       prefix=xt.mapping == "prefix", say=console.print)
+        console.print(f"cross-tokenizer {xt.resolved_method}: {mapping.n_mapped} of {mapping.n_tokens} teacher "
+                      f"tokens map to student tokens ({100 * mapping.coverage:.1f}%; {mapping.n_prefix} by prefix)")
     dataset = CrossTokenizerDataset(ctx.records, ctx.tokenizer, teacher_tok, ctx.train.max_seq_len, cache)
     pad = teacher_tok.pad_token_id if teacher_tok.pad_token_id is not None else (teacher_tok.eos_token_id or 0)
     collator = CrossTokenizerCollator(ctx.tokenizer.pad_token_id, teacher_pad_id=pad)
