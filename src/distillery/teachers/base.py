@@ -26,6 +26,11 @@ class TeacherError(DistilleryError, RuntimeError):
     teacher and the request, so the endpoint or model can be fixed and the job re-run."""
 
 
+class TeacherUnavailableError(TeacherError):
+    """A teacher's requests failed on errors another try may pass (server down, timeouts, 5xx,
+    429) after all their retries: a caller that can wait (training) tries again later."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to sample: temperature 0 means greedy decoding."""

@@ -75,6 +75,7 @@ from distillery.teachers.base import (
     GenerationStats,
     SamplingParams,
     TeacherError,
+    TeacherUnavailableError,
     generate_via_stream,
 )
 
@@ -480,18 +481,48 @@ def _parse_prompt_logprobs(data: Any, n_tokens: int, k: int) -> TeacherTopK:
     # the last row comes from the generated token's entry; a server that leaves out an end
     # token's log-probs leaves it NaN (capture stores rows 0..T-2 only)
     lps = torch.full((n_tokens, k), float("nan"))
+    id_rows, lp_rows = [], []  # filled as lists, one tensor each: per-element writes cost ~10x
+    prefix = "token_id:"
     for row, entry in enumerate(entries[1 : n_tokens + 1]):
         if not isinstance(entry, dict) or len(entry) < k:
             raise _Fail(f"position {row}: {len(entry) if isinstance(entry, dict) else 0} top log-probs, "
                         f"asked for {k} (vLLM: raise --max-logprobs)")
         pairs = sorted(((lp, key) for key, lp in entry.items()), reverse=True)[:k]
-        for j, (lp, key) in enumerate(pairs):
-            if not str(key).startswith("token_id:"):
-                raise _Fail("the server returned token strings, not ids: it needs "
-                            "return_tokens_as_token_ids (vLLM, distillery serve)")
-            ids[row, j] = int(str(key)[len("token_id:"):])
-            lps[row, j] = float(lp)
+        if not all(str(key).startswith(prefix) for _, key in pairs):
+            raise _Fail("the server returned token strings, not ids: it needs "
+                        "return_tokens_as_token_ids (vLLM, distillery serve)")
+        id_rows.append([int(str(key)[len(prefix):]) for _, key in pairs])
+        lp_rows.append([float(lp) for lp, _ in pairs])
+    if id_rows:
+        ids[: len(id_rows)] = torch.tensor(id_rows, dtype=torch.long)
+        lps[: len(lp_rows)] = torch.tensor(lp_rows, dtype=torch.float32)
     return TeacherTopK(ids, lps, teacher_log_tail(lps.double()).float())
+
+
+def _parse_scored(data: Any, n_tokens: int, k: int) -> tuple[TeacherTopK, torch.Tensor]:
+    """:func:`_parse_prompt_logprobs` plus ``token_logprobs`` ``[T]``: entry ``t`` = log p(token ``t``)
+    given the tokens before it (NaN for token 0 and where the server gives none)."""
+    top = _parse_prompt_logprobs(data, n_tokens, k)
+    entries = data["choices"][0]["logprobs"].get("token_logprobs") or []
+    tok = torch.full((n_tokens,), float("nan"), dtype=torch.float64)
+    for t, lp in enumerate(entries[:n_tokens]):
+        if isinstance(lp, (int, float)):
+            tok[t] = float(lp)
+    return top, tok
+
+
+def _parse_continuation(data: Any) -> tuple[list[int], str]:
+    """The generated token ids (``choices[0].logprobs.tokens`` as ``token_id:N``) and finish reason."""
+    try:
+        choice = data["choices"][0]
+        tokens = choice["logprobs"]["tokens"]
+    except (KeyError, IndexError, TypeError):
+        raise _Fail("the server returned no token log-probs: it needs /v1/completions with logprobs "
+                    "(distillery serve, vLLM)") from None
+    if not all(isinstance(t, str) and t.startswith("token_id:") for t in tokens):
+        raise _Fail("the server returned token strings, not ids: it needs return_tokens_as_token_ids "
+                    "(vLLM, distillery serve)")
+    return [int(t[len("token_id:"):]) for t in tokens], str(choice.get("finish_reason") or "stop")
 
 
 def _error_message(resp: _Reply) -> str:
@@ -599,6 +630,51 @@ class OpenAITeacher:
         if temperature != 1.0:
             raise ConfigError("servers return log-probs at temperature 1; capture at temperature 1 "
                               "(the loss applies its own temperature)")
+        return self._prompt_logprobs(token_ids, k, _parse_prompt_logprobs)
+
+    def score_sequences(self, token_ids: list[list[int]], k: int) -> list[tuple[TeacherTopK, torch.Tensor]]:
+        """:meth:`logprobs` and, per sequence, the log-prob of each of its tokens ``[T]`` (NaN at 0).
+
+        Raises :class:`TeacherUnavailableError` when a request failed on errors another try may
+        pass (server down through every retry), :class:`TeacherError` for the others.
+        """
+        return self._prompt_logprobs(token_ids, k, _parse_scored)
+
+    def continue_ids(self, prompts: list[list[int]], params: SamplingParams) -> list[tuple[list[int], str]]:
+        """Continue each token-id prompt; per prompt the generated ids and the finish reason.
+
+        ``/completions`` with the ids as prompt, ``logprobs: 0`` and ``return_tokens_as_token_ids``
+        (vLLM, ``distillery serve``): the ids come back exactly, not re-tokenized from text. A
+        server may leave out the end token it stopped at (``finish_reason`` "stop"). Errors as
+        :meth:`score_sequences`.
+        """
+
+        def body(ids: list[int]) -> bytes:
+            return json.dumps({"model": self.model, "prompt": list(ids), "max_tokens": params.max_new_tokens,
+                               "temperature": params.temperature, "top_p": params.top_p, "seed": params.seed,
+                               "logprobs": 0, "return_tokens_as_token_ids": True}).encode()
+
+        async def run_all() -> list[tuple[Any, str | None, bool]]:
+            session = _Session(self)
+            try:
+                return await asyncio.gather(*(
+                    session.call(f"continue[{i}]", body(ids), len(ids) + params.max_new_tokens,
+                                 session.prompt_urls, _parse_continuation)
+                    for i, ids in enumerate(prompts)))
+            finally:
+                await session.aclose()
+
+        out = []
+        for i, (cont, error, retryable) in enumerate(asyncio.run(run_all())):
+            if error is not None:
+                kind = TeacherUnavailableError if retryable else TeacherError
+                raise kind(f"teacher {self.name}: continuation of prompt {i} failed: {error}")
+            out.append(cont)
+        return out
+
+    def _prompt_logprobs(self, token_ids: list[list[int]], k: int,
+                         parse: Callable[[Any, int, int], Any]) -> list[Any]:
+        """One echo request per sequence, concurrently; ``parse(data, n_tokens, k)`` reads each reply."""
 
         async def run_all() -> list[tuple[Any, str | None, bool]]:
             session = _Session(self)
@@ -606,15 +682,16 @@ class OpenAITeacher:
                 return await asyncio.gather(*(
                     session.call(f"logprobs[{i}]", _prompt_logprobs_body(self.model, ids, k),
                                  len(ids) + 1, session.prompt_urls,
-                                 lambda data, n=len(ids): _parse_prompt_logprobs(data, n, k))
+                                 lambda data, n=len(ids): parse(data, n, k))
                     for i, ids in enumerate(token_ids)))
             finally:
                 await session.aclose()
 
         out = []
-        for i, (top, error, _retryable) in enumerate(asyncio.run(run_all())):
+        for i, (top, error, retryable) in enumerate(asyncio.run(run_all())):
             if error is not None:
-                raise TeacherError(f"teacher {self.name}: log-probs of sequence {i} failed: {error}")
+                kind = TeacherUnavailableError if retryable else TeacherError
+                raise kind(f"teacher {self.name}: log-probs of sequence {i} failed: {error}")
             out.append(top)
         return out
 

@@ -10,7 +10,15 @@ KL(student‖teacher) on student samples; here that is the token-level form: λ 
 ``reverse_kl`` divergence (MiniLLM's sequence-level policy gradient is not implemented).
 
 The divergence is any :class:`~distillery.losses.LossSpec` (``dense`` or ``fused``; ``sparse``
-needs a logit cache, and a cache cannot score text sampled during training). On on-policy
+needs a logit cache, and a cache cannot score text sampled during training).
+
+With ``scoring`` the teacher may sit off the training machine, or be several teachers
+(:class:`~distillery.teachers.scoring.TeacherScoringConfig`): each batch's sequences are scored
+as top-k log-probs plus the tail mass (any backend: in process, or an OpenAI-compatible server
+such as ``distillery serve``, vLLM, SGLang) and the loss takes the sparse form, the tail handled
+as for a logit cache (:mod:`distillery.train.teacher_scores`). With ``scoring.staleness`` s > 0
+the next s batches are sampled and scored while the student updates
+(:mod:`distillery.train.scoring_queue`); the train log says how much scoring time was hidden. On on-policy
 batches the CE term of the spec is dropped: CE on the student's own samples would only raise
 the probability of whatever it happened to write, mistakes included. Gradients do not flow
 through sampling (as in GKD): the samples are data, the divergence on them is the loss.
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -29,6 +38,14 @@ from torch.utils.data import Dataset
 
 from distillery.config import ObjectiveConfig
 from distillery.losses import LossSpec
+from distillery.teachers.scoring import (
+    ModelScorer,
+    TeacherPanel,
+    TeacherScoringConfig,
+    build_panel,
+    check_scoring_tokenizers,
+    write_with_client,
+)
 from distillery.train.objectives.base import (
     BuildContext,
     LossOutput,
@@ -37,11 +54,20 @@ from distillery.train.objectives.base import (
 )
 from distillery.train.objectives.logit_kd import check_loss_shorthand, live_kd_loss, loss_count
 from distillery.train.objectives.sft import sft_data
+from distillery.train.rollouts import RolloutConfig, RolloutEngine, RolloutParams, Rollouts
 from distillery.train.sampling import (
     batch_prompts,
     continuation_batch,
     sample_continuations,
     unwrap,
+)
+from distillery.train.scoring_queue import BatchSchedule, ScoringQueue, Ticket
+from distillery.train.teacher_scores import (
+    ScoredLoss,
+    routed_data,
+    score_tensors,
+    scored_spec,
+    sequences,
 )
 
 
@@ -55,6 +81,9 @@ class OnPolicyConfig(ObjectiveConfig):
     ``temperature``/``top_p`` are the sampling's. The divergence is ``loss`` (default:
     generalized JSD, β = 0.5, as GKD; ``variant: minillm``: reverse KL(student‖teacher) and
     λ = 1), at ``loss.temperature``; ``kd_ratio`` adds ``(1 − kd_ratio)·CE`` off-policy.
+    ``scoring``: the teacher(s) score as top-k, in process or remote (see the module doc);
+    null: the job's live teacher, full logits. ``rollout``: the engine that writes the student's
+    samples (:mod:`distillery.train.rollouts`; default ``hf``, its own ``generate``).
     """
 
     name: Literal["on_policy"] = "on_policy"
@@ -66,11 +95,23 @@ class OnPolicyConfig(ObjectiveConfig):
     top_p: float = Field(1.0, gt=0, le=1)
     kd_ratio: float | None = Field(None, ge=0, le=1)
     loss: LossSpec | None = None
+    scoring: TeacherScoringConfig | None = None
+    # which engine writes the student's samples (hf: its own generate; vllm: a synced copy)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
 
     @model_validator(mode="after")
     def _one_way_to_say_the_loss(self) -> OnPolicyConfig:
         check_loss_shorthand(self.loss, self.kd_ratio, None)
+        if self.seq_kd and self.scoring is not None and self.scoring.mixture is not None:
+            raise ValueError("train.objective.seq_kd has a teacher write the off-policy continuations, and a "
+                             "scoring.mixture names no one teacher to write them: use route_by, or drop seq_kd")
         return self
+
+    def resolve_needs(self, declared: ObjectiveNeeds) -> ObjectiveNeeds:
+        # teachers configured under scoring stand in for the job's live teacher
+        if self.scoring is not None and self.scoring.remote:
+            return ObjectiveNeeds(**{**declared.__dict__, "live_teacher": "no"})
+        return declared
 
     @property
     def resolved_lmbda(self) -> float:
@@ -96,12 +137,14 @@ class OnPolicyObjective:
     """
 
     def __init__(self, cfg: OnPolicyConfig, eos_token_id: int | list[int] | None, pad_token_id: int, *,
-                 max_seq_len: int, seed: int = 0) -> None:
+                 max_seq_len: int, seed: int = 0, grad_accum_steps: int = 1,
+                 engine: RolloutEngine | None = None) -> None:
         spec = cfg.resolved_loss()
-        if spec.form == "sparse":
+        if spec.form == "sparse" and cfg.scoring is None:
             raise ValueError(
                 "train.objective.loss.form 'sparse' reads teacher top-k from a logit cache, but on_policy "
-                "needs a live teacher to score text sampled during training: use form 'dense' or 'fused'"
+                "needs a live teacher to score text sampled during training: use form 'dense' or 'fused' "
+                "(or train.objective.scoring: the teacher's top-k)"
             )
         if pad_token_id is None:
             raise ValueError("on_policy needs a pad token id to batch sampled continuations "
@@ -116,6 +159,21 @@ class OnPolicyObjective:
                          "eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
         self.rng = random.Random(seed)
         self.trainable: list[nn.Module] = []
+        # the student's samples (``engine``: an engine instance instead of cfg.rollout's)
+        self.rollouts = Rollouts(cfg.rollout, grad_accum_steps, engine)
+        self.scoring = cfg.scoring
+        self.panel: TeacherPanel | None = None
+        self.queue: ScoringQueue | None = None
+        self.schedule: BatchSchedule | None = None
+        self._calls = 0  # loss calls so far (scoring): the BatchSchedule index of the next one
+        self._pending: dict[int, _Prepared] = {}  # look-ahead batches, sampled and submitted
+
+    def attach_scoring(self, panel: TeacherPanel, schedule: BatchSchedule | None = None) -> None:
+        """Score with ``panel``; ``schedule`` predicts the next batches (needed for staleness > 0)."""
+        assert self.scoring is not None
+        self.panel, self.schedule = panel, schedule
+        self.queue = ScoringQueue(lambda job: panel.score(*job), self.scoring.staleness + 1,
+                                  self.scoring.retry_for_s)
 
     # ------------------------------------------------------------------ the coin and its state
 
@@ -124,13 +182,21 @@ class OnPolicyObjective:
         return self.rng.random() < self.lmbda
 
     def state_dict(self) -> dict:
-        """The coin generator's state as JSON values (``random.Random.getstate`` with lists)."""
-        version, internal, gauss_next = self.rng.getstate()
-        return {"rng": [version, list(internal), gauss_next]}
+        """The coin generator's state as JSON values (``random.Random.getstate`` with lists).
+
+        With look-ahead batches pending, the state before their coins (a resumed run draws
+        them again), and the number of loss calls made."""
+        rng = self._pending[min(self._pending)].rng_before if self._pending else self.rng.getstate()
+        version, internal, gauss_next = rng
+        out: dict = {"rng": [version, list(internal), gauss_next]}
+        if self.scoring is not None:
+            out["calls"] = self._calls
+        return out
 
     def load_state_dict(self, state: dict) -> None:
         version, internal, gauss_next = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss_next))
+        self._calls, self._pending = int(state.get("calls", 0)), {}
 
     # ------------------------------------------------------------------ the loss
 
@@ -142,7 +208,12 @@ class OnPolicyObjective:
         ``[batch, seq]``, prompt tokens unlabeled). Metrics: ``loss``, ``kd/<divergence>``,
         ``ce`` (off-policy, when the spec has CE), ``on_policy``
         (1.0 / 0.0) and ``gen_tokens`` (mean generated length; 0 when nothing was generated).
+        With ``scoring`` also ``scoring/*`` (see :meth:`ScoringQueue.metrics`) and, with
+        several teachers, ``teacher/<name>/loss``.
         """
+        self.rollouts.tick()
+        if self.scoring is not None:
+            return self._scored_loss(batch, student, teacher)
         if teacher is None:
             raise ValueError("on_policy needs a teacher model: it scores every continuation")
         _check_vocab(unwrap(student), unwrap(teacher))
@@ -151,21 +222,134 @@ class OnPolicyObjective:
         if on_policy or self.seq_kd:
             prompts = _prompts(batch)
             writer = student if on_policy else teacher
-            continuations = self._sample(writer, prompts)
+            continuations = self._sample(writer, prompts, by_student=on_policy)
             gen_tokens = sum(map(len, continuations)) / len(continuations)
             device = next(student.parameters()).device
             rebuilt = continuation_batch(prompts, continuations, self.sampling["pad_token_id"], self.max_seq_len)
             batch = {k: v.to(device) for k, v in rebuilt.items()}
         spec = self.on_policy_spec if on_policy else self.spec
         loss, metrics = live_kd_loss(spec, batch, student, teacher)
-        metrics.update(on_policy=float(on_policy), gen_tokens=gen_tokens)
+        metrics.update(on_policy=float(on_policy), gen_tokens=gen_tokens, **self.rollouts.metrics)
         return LossOutput(loss, loss_count(batch, spec), metrics)
 
-    def _sample(self, model: nn.Module, prompts: list[list[int]]) -> list[list[int]]:
+    def _sample(self, model: nn.Module, prompts: list[list[int]], by_student: bool = False) -> list[list[int]]:
+        """Continuations by ``model``; the student's go through the rollout engine (:mod:`distillery.train.rollouts`)."""
         # tokens past max_seq_len are cut from every row anyway: do not generate them
         room = self.max_seq_len - min(map(len, prompts))
-        return sample_continuations(model, prompts, max_new_tokens=max(1, min(self.max_new_tokens, room)),
-                                    **self.sampling)
+        new_tokens = max(1, min(self.max_new_tokens, room))
+        if by_student:
+            params = RolloutParams(max_new_tokens=new_tokens, **self.sampling)
+            return self.rollouts.sample(model, prompts, params, self.max_seq_len)
+        return sample_continuations(model, prompts, max_new_tokens=new_tokens, **self.sampling)
+
+    # ------------------------------------------------------------------ scored top-k (scoring)
+
+    def _scored_loss(self, batch: dict[str, torch.Tensor], student: nn.Module, teacher: nn.Module | None
+                     ) -> LossOutput:
+        """The loss against the scorer's top-k; the next ``staleness`` batches are sampled and
+        submitted first, so their scoring runs during this call's forward, backward and update."""
+        if self.queue is None:  # built outside a job (tests): score with the teacher given here
+            assert self.scoring is not None
+            self.attach_scoring(build_panel(self.scoring, teacher, self.sampling["pad_token_id"]))
+        call, self._calls = self._calls, self._calls + 1
+        prepared = self._pending.pop(call, None)
+        prefetched = prepared is not None and torch.equal(prepared.source, batch["input_ids"].cpu())
+        if not prefetched:
+            # not predicted (or another batch came): drop the look-ahead and its coins, sample now
+            first = prepared or (self._pending[min(self._pending)] if self._pending else None)
+            if first is not None:
+                self.rng.setstate(first.rng_before)
+            self._pending = {}
+            prepared = self._prepare(batch, student, teacher)
+        for ahead in range(call + 1, call + 1 + self.scoring.staleness):  # type: ignore[union-attr]
+            if ahead in self._pending:
+                continue
+            nxt = self.schedule.batch(ahead) if self.schedule is not None else None
+            if nxt is None:
+                break
+            self._pending[ahead] = self._prepare(nxt, student, teacher)
+        out = self._loss_from_scores(prepared, student)
+        out.metrics["scoring/prefetched"] = float(prefetched)
+        return out
+
+    def _prepare(self, batch: dict[str, torch.Tensor], student: nn.Module, teacher: nn.Module | None
+                 ) -> _Prepared:
+        """Flip the batch's coin, sample its continuations (if on-policy), submit them for scoring."""
+        assert self.queue is not None and self.panel is not None
+        rng_before = self.rng.getstate()
+        on_policy = self.draw_on_policy()
+        gen_tokens = 0.0
+        rebuilt = {k: batch[k].cpu() for k in ("input_ids", "attention_mask", "labels")}
+        if on_policy or self.seq_kd:
+            prompts = _prompts(batch)
+            if on_policy or teacher is not None:
+                continuations = self._sample(student if on_policy else teacher, prompts, by_student=on_policy)
+            else:  # seq_kd, the teacher(s) under scoring write
+                continuations = self._teacher_writes(prompts, batch)
+            gen_tokens = sum(map(len, continuations)) / len(continuations)
+            rebuilt = continuation_batch(prompts, continuations, self.sampling["pad_token_id"], self.max_seq_len)
+        routes = None
+        if "route" in batch:
+            routes = [self.panel.names[int(r)] for r in batch["route"]]
+        ticket = self.queue.submit((sequences(rebuilt), routes))
+        return _Prepared(batch["input_ids"].cpu(), rebuilt, on_policy, gen_tokens, routes, ticket, rng_before)
+
+    def _teacher_writes(self, prompts: list[list[int]], batch: dict[str, torch.Tensor]) -> list[list[int]]:
+        """seq_kd continuations from the scoring teachers: each row's (routed) teacher writes it."""
+        assert self.panel is not None
+        names = self.panel.names
+        routes = [names[int(r)] for r in batch["route"]] if "route" in batch else [names[0]] * len(prompts)
+        room = max(1, min(self.max_new_tokens, self.max_seq_len - min(map(len, prompts))))
+        eos = self.sampling["eos_token_id"]
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        out: list[list[int]] = [[] for _ in prompts]
+        for name in names:
+            rows = [i for i, r in enumerate(routes) if r == name]
+            if not rows:
+                continue
+            scorer, mine = self.panel.scorers[name], [prompts[i] for i in rows]
+            if isinstance(scorer, ModelScorer):
+                conts = self._sample(scorer.model, mine)
+            else:
+                conts = write_with_client(getattr(scorer, "teacher", None), mine, room, self.sampling["temperature"],
+                                          self.sampling["top_p"], eos_ids, seed=self._calls)
+            for i, c in zip(rows, conts):
+                out[i] = c
+        return out
+
+    def _loss_from_scores(self, prepared: _Prepared, student: nn.Module) -> LossOutput:
+        assert self.queue is not None and self.panel is not None and self.scoring is not None
+        scores, per = self.queue.result(prepared.ticket)
+        device = next(student.parameters()).device
+        batch = {k: v.to(device) for k, v in prepared.batch.items()}
+        vocab, k, names = unwrap(student).config.vocab_size, self.scoring.top_k, self.panel.names
+        teacher_names = prepared.routes or [names[0] if len(names) == 1 else "mixture"] * len(scores)
+        tensors = score_tensors(batch, scores, k, vocab, teacher_names)
+        per_teacher: dict = {}
+        if len(names) > 1 and prepared.routes is not None:
+            per_teacher = {n: torch.tensor([r == n for r in prepared.routes]) for n in names}
+        elif len(names) > 1:
+            per_teacher = {n: score_tensors(batch, [per[n][i] for i in range(len(scores))], k, vocab, [n] * len(scores))
+                           for n in names}
+        spec = scored_spec(self.on_policy_spec if prepared.on_policy else self.spec)
+        loss, metrics = ScoredLoss(spec)(batch, student, tensors, per_teacher)
+        metrics.update(on_policy=float(prepared.on_policy), gen_tokens=prepared.gen_tokens,
+                       **self.queue.metrics(prepared.ticket), **self.rollouts.metrics)
+        return LossOutput(loss, loss_count(batch, spec), metrics)
+
+
+@dataclass
+class _Prepared:
+    """A batch sampled and submitted for scoring: the loop's ``input_ids`` it came from, the
+    scored batch, its coin and generated length, each row's teacher, and the coin state before it."""
+
+    source: torch.Tensor
+    batch: dict[str, torch.Tensor]
+    on_policy: bool
+    gen_tokens: float
+    routes: list[str] | None
+    ticket: Ticket
+    rng_before: tuple
 
 
 def _without_ce(spec: LossSpec) -> LossSpec:
@@ -208,8 +392,22 @@ def build(ctx: BuildContext) -> tuple[Dataset, Callable, OnPolicyObjective]:
     if eos is None or pad is None:
         raise ValueError("on_policy samples continuations and needs the tokenizer's eos and pad tokens")
     objective = OnPolicyObjective(ctx.config, eos_token_id=eos, pad_token_id=pad,
-                                  max_seq_len=ctx.train.max_seq_len, seed=ctx.train.seed)
-    return (*sft_data(ctx), objective)
+                                  max_seq_len=ctx.train.max_seq_len, seed=ctx.train.seed,
+                                  grad_accum_steps=ctx.train.grad_accum_steps)
+    if ctx.config.rollout.engine != "hf":  # a missing vllm / GPU fails here, not at the first rollout
+        objective.rollouts.start(ctx.student, ctx.train.max_seq_len)
+    scoring: TeacherScoringConfig | None = ctx.config.scoring
+    if scoring is None:
+        return (*sft_data(ctx), objective)
+    if scoring.remote:
+        check_scoring_tokenizers(scoring, tok)
+    panel = build_panel(scoring, ctx.teacher, pad)
+    if scoring.route_by is not None:
+        dataset, collate = routed_data(ctx.records, tok, ctx.train.max_seq_len, scoring.route_by, panel.names)
+    else:
+        dataset, collate = sft_data(ctx)
+    objective.attach_scoring(panel, BatchSchedule(dataset, collate, ctx.train))
+    return dataset, collate, objective
 
 
 register_objective("on_policy", OnPolicyConfig, ObjectiveNeeds(live_teacher="required", samples=True), build)

@@ -18,6 +18,12 @@ from transformers import PreTrainedTokenizerBase
 from distillery.chat import IGNORE
 from distillery.config import ModelConfig, ObjectiveConfig, TeacherConfig, TrainJobConfig
 from distillery.teachers import build_teacher
+from distillery.teachers.scoring import (
+    TeacherPanel,
+    TeacherScoringConfig,
+    build_panel,
+    check_scoring_tokenizers,
+)
 from distillery.train.objectives.base import (
     BuildContext,
     LossOutput,
@@ -44,6 +50,7 @@ from distillery.train.sampling import (
     sample_continuations,
     unwrap,
 )
+from distillery.train.teacher_scores import mean_token_logprobs, record_routes, sequences
 
 
 class RewardConfig(ObjectiveConfig):
@@ -54,7 +61,10 @@ class RewardConfig(ObjectiveConfig):
     ``teacher_logprob`` (the teacher model's mean log-prob of the completion), ``judge`` (a
     teacher backend grades it with ``judge_template``) or ``function`` (``module:callable``
     called as ``fn(prompt, completion, record) -> float``). Advantages are rewards minus the
-    group mean (divided by the group std with ``scale_rewards``).
+    group mean (divided by the group std with ``scale_rewards``). ``scoring`` (with
+    ``teacher_logprob``): the teacher(s) that give the log-probs, any backend, e.g. a server
+    (:class:`~distillery.teachers.scoring.TeacherScoringConfig`; ``route_by`` a record field
+    picks each record's teacher); null: the job's live teacher model.
     """
 
     name: Literal["reward"] = "reward"
@@ -69,9 +79,13 @@ class RewardConfig(ObjectiveConfig):
     scale_rewards: bool = True
     kl_weight: float = Field(0.0, ge=0)  # β·KL(student‖reference), k3 estimator
     reference_path: str | None = None  # the KL anchor; null: the student as training starts
+    scoring: TeacherScoringConfig | None = None
 
     @model_validator(mode="after")
     def _check(self) -> RewardConfig:
+        if self.scoring is not None and self.source != "teacher_logprob":
+            raise ValueError("train.objective.scoring gives the teacher of source 'teacher_logprob'; "
+                             f"source is {self.source!r}: drop scoring")
         if self.source == "function" and not self.function:
             raise ValueError("train.objective.source is 'function': set train.objective.function to "
                              "'module:callable'")
@@ -82,6 +96,8 @@ class RewardConfig(ObjectiveConfig):
     def resolve_needs(self, declared: ObjectiveNeeds) -> ObjectiveNeeds:
         # only the teacher_logprob source reads the teacher model
         teacher = "required" if self.source == "teacher_logprob" else "no"
+        if self.scoring is not None and self.scoring.remote:
+            teacher = "no"  # the scoring teachers stand in for the job's
         return ObjectiveNeeds(**{**declared.__dict__, "live_teacher": teacher})
 
 
@@ -105,6 +121,7 @@ class RewardObjective:
         self.max_seq_len = max_seq_len  # prompt + completion; nothing past it is generated or scored
         self.reference = reference if cfg.kl_weight > 0 else None
         self.trainable: list[nn.Module] = []
+        self.panel: TeacherPanel | None = None  # scoring: the teacher(s) that give teacher_logprob
 
     def rollout(self, batch: dict[str, torch.Tensor], student: nn.Module) -> tuple[dict, list[int]]:
         """``group_size`` sampled completions per prompt as a continuation batch, and their record indices.
@@ -131,6 +148,8 @@ class RewardObjective:
     def rewards(self, cbatch: dict[str, torch.Tensor], index: list[int], teacher: nn.Module | None) -> list[float]:
         """One reward per row of ``cbatch``; ``index`` = the dataset record of each row."""
         if isinstance(self.reward, TeacherLogprobReward):
+            if self.cfg.scoring is not None:
+                return self.scored_rewards(cbatch, index, teacher)
             if teacher is None:
                 raise ValueError("train.objective.source 'teacher_logprob' needs a teacher model")
             return self.reward.score_batch(cbatch, teacher)
@@ -139,6 +158,21 @@ class RewardObjective:
         prompts = [self.dataset.prompts[i] for i in index]
         records = [self.dataset.records[i] for i in index]
         return self.reward.score(prompts, texts, records)
+
+    def scored_rewards(self, cbatch: dict[str, torch.Tensor], index: list[int], teacher: nn.Module | None
+                       ) -> list[float]:
+        """``teacher_logprob`` from the scoring teacher(s): each row's mean log-prob of its labels."""
+        scoring = self.cfg.scoring
+        assert scoring is not None
+        if self.panel is None:
+            self.panel = build_panel(scoring, teacher, self.tokenizer.pad_token_id)
+        routes = None
+        if scoring.route_by is not None:
+            names = self.panel.names
+            routes = [names[r] for r in record_routes([self.dataset.records[i] for i in index],
+                                                      scoring.route_by, names)]
+        scores, _ = self.panel.score(sequences(cbatch), routes)
+        return mean_token_logprobs(cbatch, scores, routes)
 
     def loss(self, batch: dict[str, torch.Tensor], student: nn.Module, teacher: nn.Module | None
              ) -> LossOutput:
@@ -217,11 +251,17 @@ def prepare_reward_training(
     if cfg.train.packing:
         raise ValueError("train.packing is not supported by objective 'reward' (each prompt is sampled "
                          "and scored on its own): set train.packing: false")
-    if rc.source == "teacher_logprob" and teacher is None:
+    if rc.source == "teacher_logprob" and teacher is None and (rc.scoring is None or not rc.scoring.remote):
         raise ValueError("train.objective.source is 'teacher_logprob' but no teacher model was given")
     dataset = RewardDataset(records, tokenizer, cfg.train.max_seq_len, require_reference=rc.source == "verifier")
     objective = RewardObjective(rc, tokenizer, dataset, build_reward_fn(rc),
                                 build_reference(rc, student, cfg.model, len(tokenizer)), cfg.train.max_seq_len)
+    if rc.scoring is not None:
+        if rc.scoring.remote:
+            check_scoring_tokenizers(rc.scoring, tokenizer)
+        if rc.scoring.route_by is not None:  # every record names a configured teacher, checked now
+            record_routes(records, rc.scoring.route_by, list(rc.scoring.named()))
+        objective.panel = build_panel(rc.scoring, teacher, tokenizer.pad_token_id)
     return dataset, RewardCollator(tokenizer.pad_token_id), objective
 
 
