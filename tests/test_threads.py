@@ -130,3 +130,24 @@ def test_a_config_threads_key_applies_unless_the_option_or_variable_chose(tmp_pa
     bad = _config_threads(tmp_path, "many")
     assert bad.returncode == 2
     assert "job.yaml: threads: 'many' is not a number of threads" in bad.stderr
+
+
+def test_a_threads_override_and_the_variable_in_a_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`threads=N` on the command line replaces the file's; in a script (no CLI) a set
+    DISTILLERY_THREADS still wins over the file's key."""
+    import torch
+
+    import distillery.threads as th
+    from distillery.config import TrainJobConfig, load_config
+
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(f"threads: 2\noutput_dir: {tmp_path / 'out'}\ndata: {{task: {{num_operands: 2}}}}\n")
+    monkeypatch.setattr(th, "_applied_from", None)
+    monkeypatch.delenv("DISTILLERY_THREADS", raising=False)
+    job = load_config(cfg, TrainJobConfig, ["threads=1", "train.steps=3"])
+    assert torch.get_num_threads() == 1 and "(override)" in th.applied_from() and job.train.steps == 3
+
+    monkeypatch.setattr(th, "_applied_from", None)
+    monkeypatch.setenv("DISTILLERY_THREADS", "1")
+    load_config(cfg, TrainJobConfig)
+    assert torch.get_num_threads() == 1 and th.applied_from() is None

@@ -721,9 +721,15 @@ def load_config(path: str | Path | None, schema: type[M], overrides: list[str] |
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(data).__name__}")
-    if "threads" in data and "threads" not in schema.model_fields:
-        # every config may say how many CPU threads its command uses (docs/threads.md)
-        apply_config_threads(data.pop("threads"), source)
+    if "threads" not in schema.model_fields:
+        # every config may say how many CPU threads its command uses (docs/threads.md); an
+        # override `threads=N` replaces the file's
+        given = [o for o in overrides if o.split("=", 1)[0].strip() == "threads"]
+        overrides = [o for o in overrides if o not in given]
+        if given:
+            data["threads"] = yaml.safe_load(given[-1].split("=", 1)[1])
+        if "threads" in data:
+            apply_config_threads(data.pop("threads"), source + (" (override)" if given else ""))
     apply_overrides(data, overrides, schema)
     overridden = {tuple(parse_override(o)[0]) for o in overrides}
     try:

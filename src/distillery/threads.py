@@ -124,6 +124,8 @@ def apply_config_threads(value: object, where: str) -> None:
                               "number >= 1, or remove the key (default: the CPUs available)")
     if _applied_from is not None and _applied_from.startswith(("--threads", ENV)):
         return
+    if _applied_from is None and os.environ.get(ENV, "").strip():  # no CLI (a script): the variable wins
+        return
     cpus = available_cpus()
     apply_threads(min(value, cpus), f"{where} (threads: {value}" + (f", capped at {cpus} CPUs)" if value > cpus else ")"))
 
