@@ -240,3 +240,25 @@ def test_trust_remote_code_is_off_by_default(saved, monkeypatch):
     load_model(ModelConfig(path=str(out), trust_remote_code=True, device="cpu"))
     load_tokenizer(str(out), trust_remote_code=True)
     assert seen[2:] == [True, True]
+
+
+def test_random_init_keeps_the_architecture_and_draws_fresh_weights(saved):
+    """``model.init: random`` (the from-scratch control of a pruned student): the same config and
+    parameter shapes as the directory, new weights that the seed reproduces."""
+    saved = saved[1]
+    pretrained = load_model(ModelConfig(path=str(saved), device="cpu"))
+    torch.manual_seed(3)
+    fresh = load_model(ModelConfig(path=str(saved), device="cpu", init="random"))
+    torch.manual_seed(3)
+    again = load_model(ModelConfig(path=str(saved), device="cpu", init="random"))
+    assert fresh.config.to_dict() | {"_name_or_path": ""} == pretrained.config.to_dict() | {"_name_or_path": ""}
+    a, b, c = (dict(m.named_parameters()) for m in (pretrained, fresh, again))
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    assert all(torch.equal(b[k], c[k]) for k in b)  # the seed decides the draw
+    changed = [k for k in a if not torch.equal(a[k], b[k]) and "norm" not in k]
+    assert len(changed) == len([k for k in a if "norm" not in k])  # norms init to ones either way
+
+
+def test_random_init_needs_an_architecture_to_copy():
+    with pytest.raises(ValueError, match="model.init: random copies the architecture"):
+        ModelConfig(init="random")

@@ -136,11 +136,17 @@ class ModelConfig(StrictModel):
     device: str = "auto"  # "auto" = cuda if available, else cpu
     trust_remote_code: bool = False
     prune: PruneConfig | None = None
+    # "random": the architecture of ``path`` (or of the pruned model) with fresh weights drawn
+    # under ``train.seed``: the from-scratch control of a pruned student (same shape, no transfer)
+    init: Literal["pretrained", "random"] = "pretrained"
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
         if self.prune is not None and self.path is not None:
             raise ValueError("model takes path or prune (which makes the path), not both")
+        if self.init == "random" and self.path is None and self.prune is None:
+            raise ValueError("model.init: random copies the architecture of model.path or model.prune; "
+                             "a model built from sizes is randomly initialised already: drop init")
         if self.path is None and self.prune is None and self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
@@ -265,6 +271,10 @@ class CrossTokenizerConfig(StrictModel):
     uld_weight: float = Field(1.0, ge=0)
     # live teacher: keep only the top_k teacher tokens per compared position (null = all)
     top_k: int | None = Field(None, ge=1)
+    # chunked: project both models' hidden states to logits chunk_rows positions at a time and
+    # turn each chunk into what the method reads (never [batch, seq, vocab]); dense: whole logits
+    form: Literal["chunked", "dense"] = "chunked"
+    chunk_rows: int = Field(64, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> CrossTokenizerConfig:

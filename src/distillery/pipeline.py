@@ -256,15 +256,16 @@ def write_report(cfg: RunConfig, run_dir: Path, teacher_dir: Path, results: dict
 
 def _describe_model(job: TrainJobConfig) -> str:
     m = job.model
+    fresh = ", weights re-initialised at random (its architecture only)" if m.init == "random" else ""
     if m.path:
-        return f"`{m.path}`" + (" with LoRA" if job.train.lora is not None else "")
+        return f"`{m.path}`" + (" with LoRA" if job.train.lora is not None else "") + fresh
     if m.prune:
         p = m.prune
         kept = [f"{p.layers} layers ({p.method})" if p.layers else
                 f"{p.keep_ratio:.0%} of the layers ({p.method})" if p.keep_ratio else "",
                 f"{p.mlp_ratio:.0%} of the MLP channels" if p.mlp_ratio else "",
                 f"{p.heads} heads" if p.heads else "", f"{p.hidden} hidden" if p.hidden else ""]
-        return f"`{p.source}` pruned to " + ", ".join(k for k in kept if k)
+        return f"`{p.source}` pruned to " + ", ".join(k for k in kept if k) + fresh
     return f"{m.num_layers} layers × {m.hidden_size} hidden from random weights"
 
 

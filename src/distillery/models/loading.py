@@ -13,6 +13,7 @@ import torch
 from huggingface_hub import constants as hf_constants
 from safetensors import SafetensorError, safe_open
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
@@ -111,9 +112,14 @@ def load_model(cfg: ModelConfig | str, **overrides: Any) -> PreTrainedModel:
                                 "(pip install 'distillery[lora]')")
     dtype = "auto" if cfg.dtype == "auto" else DTYPES[cfg.dtype]
     with hub_errors(cfg.path, local):
-        model = AutoModelForCausalLM.from_pretrained(
-            cfg.path, dtype=dtype, trust_remote_code=cfg.trust_remote_code
-        )
+        if cfg.init == "random":  # same architecture, fresh weights (the caller seeds torch)
+            config = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+            model = AutoModelForCausalLM.from_config(config, dtype=None if dtype == "auto" else dtype,
+                                                     trust_remote_code=cfg.trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                cfg.path, dtype=dtype, trust_remote_code=cfg.trust_remote_code
+            )
     return model.to(resolve_device(cfg.device))
 
 
