@@ -166,18 +166,23 @@ class ClockedObjective:
         return self.objective.loss(batch, student, teacher)
 
 
-def run_ours(args, student, teacher, items, marks: Marks) -> list[float]:
+def ours_config(args, form: str):
+    """The train config every ``ours*`` run uses: JSD β = 0.5 in ``form``, the bench's schedule."""
     from distillery.config import TrainConfig
     from distillery.losses import LossSpec
+
+    return TrainConfig(objective={"name": "logit_kd", "loss": LossSpec(divergence="jsd", beta=0.5, form=form)},
+                       steps=args.warmup + args.steps, batch_size=args.batch, lr=1e-5,
+                       warmup_steps=0, weight_decay=0.0, grad_clip=1.0, max_seq_len=args.seq,
+                       log_every=1, seed=0, mixed_precision=getattr(args, "mixed_precision", "no"))
+
+
+def run_ours(args, student, teacher, items, marks: Marks) -> list[float]:
     from distillery.train.data import Collator
     from distillery.train.loop import train_loop
     from distillery.train.objectives.logit_kd import LogitKDObjective
 
-    form = "dense" if args.impl == "ours_dense" else "fused"
-    cfg = TrainConfig(objective={"name": "logit_kd", "loss": LossSpec(divergence="jsd", beta=0.5, form=form)},
-                      steps=args.warmup + args.steps, batch_size=args.batch, lr=1e-5,
-                      warmup_steps=0, weight_decay=0.0, grad_clip=1.0, max_seq_len=args.seq,
-                      log_every=1, seed=0)
+    cfg = ours_config(args, "dense" if args.impl == "ours_dense" else "fused")
     objective = ClockedObjective(LogitKDObjective(cfg.objective.resolved_loss()), marks)
     result = train_loop(student, objective, items, Collator(pad_id=0), cfg, teacher=teacher,
                         show_progress=False)
@@ -198,13 +203,32 @@ def tiny_tokenizer():
 
 def run_trl(args, student, teacher, items, marks: Marks) -> list[float]:
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     from distillery.train.data import Collator
 
     steps = args.warmup + args.steps
     losses: list[float] = []
+    with tempfile.TemporaryDirectory() as out:
+        config = GKDConfig(output_dir=out, lmbda=0.0, beta=0.5, seq_kd=False, temperature=1.0,
+                           bf16=False, use_cpu=True, gradient_checkpointing=False,
+                           per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
+                           max_steps=steps, learning_rate=1e-5, max_grad_norm=1.0,
+                           logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True,
+                           max_length=args.seq, seed=0, dataloader_num_workers=0)
+        trainer = GKDTrainer(model=student, teacher_model=teacher, args=config,
+                             data_collator=Collator(pad_id=0), train_dataset=Dataset.from_list(items),
+                             processing_class=tiny_tokenizer(),
+                             optimizers=optimizer_like_train_loop(student, 1e-5, steps),
+                             callbacks=[trl_clock(marks, steps, losses)])
+        trainer.train()
+    return losses
+
+
+def trl_clock(marks: Marks, steps: int, losses: list[float]):
+    """A ``TrainerCallback`` that marks each step's start (and the end of the last of ``steps``)
+    and appends each logged loss to ``losses``."""
+    from transformers import TrainerCallback
 
     class Clock(TrainerCallback):
         def on_step_begin(self, a, state, control, **kw):
@@ -218,20 +242,7 @@ def run_trl(args, student, teacher, items, marks: Marks) -> list[float]:
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
 
-    with tempfile.TemporaryDirectory() as out:
-        config = GKDConfig(output_dir=out, lmbda=0.0, beta=0.5, seq_kd=False, temperature=1.0,
-                           bf16=False, use_cpu=True, gradient_checkpointing=False,
-                           per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
-                           max_steps=steps, learning_rate=1e-5, max_grad_norm=1.0,
-                           logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True,
-                           max_length=args.seq, seed=0, dataloader_num_workers=0)
-        trainer = GKDTrainer(model=student, teacher_model=teacher, args=config,
-                             data_collator=Collator(pad_id=0), train_dataset=Dataset.from_list(items),
-                             processing_class=tiny_tokenizer(),
-                             optimizers=optimizer_like_train_loop(student, 1e-5, steps),
-                             callbacks=[Clock()])
-        trainer.train()
-    return losses
+    return Clock()
 
 
 def child(args):
@@ -249,24 +260,31 @@ def child(args):
     student = build_model(*sizes["student"], args.vocab, args.seq, seed=0)
     teacher = build_model(*sizes["teacher"], args.vocab, args.seq, seed=1)
     items = build_items(args.batch, args.seq, args.vocab)
+    s_layers, s_hidden, _ = sizes["student"]
+    t_layers, t_hidden, _ = sizes["teacher"]
+    run = run_trl if args.impl == "trl_gkd" else run_ours
+    row = measure(args, run, student, teacher, items, {
+        "vocab": args.vocab, "student": f"{s_layers}x{s_hidden}", "teacher": f"{t_layers}x{t_hidden}",
+        "student_params_m": round(sum(p.numel() for p in student.parameters()) / 1e6, 1),
+        "teacher_params_m": round(sum(p.numel() for p in teacher.parameters()) / 1e6, 1)})
+    print(json.dumps(row), flush=True)
+
+
+def measure(args, run, student, teacher, items, about: dict) -> dict:
+    """``run(args, student, teacher, items, marks)`` timed step by step under a peak-RSS monitor:
+    a run's figures (see the module doc), with ``about`` (the models, the vocabulary) in them."""
     tokens_per_step = sum(len(it["input_ids"]) for it in items)  # no padding: all are counted
     gc.collect()
     before = rss_bytes()
     marks = Marks()
-    run = run_trl if args.impl == "trl_gkd" else run_ours
     with PeakRSS() as mon:
         losses = run(args, student, teacher, items, marks)
     steps = marks.steps()
     if len(steps) != args.warmup + args.steps:
         raise RuntimeError(f"timed {len(steps)} steps, expected {args.warmup + args.steps}")
     timed = steps[args.warmup:]
-    s_layers, s_hidden, _ = sizes["student"]
-    t_layers, t_hidden, _ = sizes["teacher"]
     row = {
-        "impl": args.impl, "batch": args.batch, "seq": args.seq, "vocab": args.vocab,
-        "student": f"{s_layers}x{s_hidden}", "teacher": f"{t_layers}x{t_hidden}",
-        "student_params_m": round(sum(p.numel() for p in student.parameters()) / 1e6, 1),
-        "teacher_params_m": round(sum(p.numel() for p in teacher.parameters()) / 1e6, 1),
+        "impl": args.impl, "batch": args.batch, "seq": args.seq, **about,
         "warmup_steps": args.warmup, "tokens_per_step": tokens_per_step,
         "step_seconds": [round(w, 3) for w, _, _ in timed],
         "step_cpu_seconds": [round(c, 3) for _, c, _ in timed],
@@ -281,7 +299,7 @@ def child(args):
         "machine": platform.processor() or platform.machine(),
         "date": datetime.date.today().isoformat(),
     }
-    print(json.dumps(figures(row)), flush=True)
+    return figures(row)
 
 
 def figures(row: dict) -> dict:
@@ -316,9 +334,11 @@ def best_run(runs: list[dict]) -> dict:
     }
 
 
-def summary(rows: dict[str, dict]) -> dict:
-    out: dict = {"summary": True, "target": "ours >= 1.3x TRL tokens/s at <= TRL peak RSS"}
-    trl = rows.get("trl_gkd")
+def summary(rows: dict[str, dict], baseline: str = "trl_gkd") -> dict:
+    """Each ``ours*`` row against the ``baseline`` row (TRL)."""
+    out: dict = {"summary": True, "target": "ours >= 1.3x TRL tokens/s at <= TRL peak RSS",
+                 "baseline": baseline}
+    trl = rows.get(baseline)
     for impl, row in rows.items():
         if not impl.startswith("ours") or trl is None:
             continue
@@ -378,27 +398,45 @@ def main():
     if args.impl:
         child(args)
         return
-    # line-buffered: each JSON line reaches the file as it is printed
-    out = open(args.out, "a", buffering=1) if args.out else None  # noqa: SIM115
-    files = [sys.stdout] if out is None else [sys.stdout, out]
-
-    def emit(obj: dict) -> None:
-        for f in files:
-            print(json.dumps(obj), file=f, flush=True)
-
+    emit = emitter(args.out)
     setup = {"what": "setup", "date": datetime.date.today().isoformat(), "cpus": os.cpu_count(),
              "quick": args.quick, "rounds": args.rounds, "threads": args.threads or None}
     emit({**setup, "load_avg_1m": round(os.getloadavg()[0], 2), **git_state()})
-    impls = args.impls.split(",")
+
+    def command(impl: str) -> list[str]:
+        return [sys.executable, __file__, "--impl", impl, "--batch", str(args.batch),
+                "--seq", str(args.seq), "--vocab", str(args.vocab), "--warmup", str(args.warmup),
+                "--steps", str(args.steps), "--threads", str(args.threads),
+                *(["--quick"] if args.quick else [])]
+
+    runs = run_rounds(args.impls.split(","), args.rounds, command, emit)
+    rows = {impl: best_run(rs) for impl, rs in runs.items() if rs}
+    for impl, row in rows.items():
+        emit({"part": "impl", "rounds": len(runs[impl]), **row})
+    emit(summary(rows))
+
+
+def emitter(path: Path | None):
+    """A function printing a dict as a JSON line, and appending it to ``path`` when given."""
+
+    def emit(obj: dict) -> None:
+        line = json.dumps(obj)
+        print(line, flush=True)
+        if path is not None:
+            with open(path, "a") as f:  # one line at a time: each reaches the file as printed
+                f.write(line + "\n")
+
+    return emit
+
+
+def run_rounds(impls: list[str], rounds: int, command, emit) -> dict[str, list[dict]]:
+    """Runs every implementation ``rounds`` times, each in its own subprocess (``command(impl)``:
+    its argv; its last JSON line on stdout: its figures); every other round in reverse order, so
+    that a load that drifts during the run hits all alike. Emits a line per run (or its error)."""
     runs: dict[str, list[dict]] = {impl: [] for impl in impls}
-    for r in range(args.rounds):
-        # every other round in reverse order: a load that drifts during the run hits all alike
+    for r in range(rounds):
         for impl in impls if r % 2 == 0 else impls[::-1]:
-            cmd = [sys.executable, __file__, "--impl", impl, "--batch", str(args.batch),
-                   "--seq", str(args.seq), "--vocab", str(args.vocab), "--warmup", str(args.warmup),
-                   "--steps", str(args.steps), "--threads", str(args.threads),
-                   *(["--quick"] if args.quick else [])]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run(command(impl), capture_output=True, text=True)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
             if proc.returncode != 0 or not lines:
                 err = (proc.stderr.strip().splitlines() or ["?"])[-1]
@@ -406,12 +444,7 @@ def main():
                 continue
             runs[impl].append(json.loads(lines[-1]))
             emit({"part": "round", "round": r, **runs[impl][-1]})
-    rows = {impl: best_run(rs) for impl, rs in runs.items() if rs}
-    for impl, row in rows.items():
-        emit({"part": "impl", "rounds": len(runs[impl]), **row})
-    emit(summary(rows))
-    if out:
-        out.close()
+    return runs
 
 
 if __name__ == "__main__":
