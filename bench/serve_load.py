@@ -61,11 +61,12 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
-def start(model: str, batch: int, port: int, log: Path) -> subprocess.Popen:
-    """``distillery serve`` in a subprocess; its log (a line per request) goes to ``log``: a pipe
-    nobody reads would fill and block the server."""
+def start(model: str, batch: int, port: int, log: Path, extra_args: tuple[str, ...] = ()) -> subprocess.Popen:
+    """``distillery serve`` in a subprocess (``extra_args`` appended to its command line); its log
+    (a line per request) goes to ``log``: a pipe nobody reads would fill and block the server."""
     cmd = [sys.executable, "-m", "distillery.cli", "serve", model, "--host", "127.0.0.1",
-           "--port", str(port), "--max-batch-size", str(batch), "--device", "cpu", "--model-name", "bench"]
+           "--port", str(port), "--max-batch-size", str(batch), "--device", "cpu", "--model-name", "bench",
+           *extra_args]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     with log.open("w") as f:
         proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)

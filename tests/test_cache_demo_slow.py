@@ -64,7 +64,7 @@ def test_student_from_the_cache_matches_the_live_teacher_student(tmp_path):
 
     live = student("live", teacher=ModelConfig(path=TEACHER, device="cpu"))
     cached = student("cached", teacher_cache=str(tmp_path / "cache"))
-    print(json.dumps({"live": live, "cached": cached, "cache_bytes_per_token": manifest.bytes_per_token}))
+    print(json.dumps({"live": live, "cached": cached, "cache_bytes_per_position": manifest.bytes_per_position}))
     lo_l, hi_l = live["ci95"]
     lo_c, hi_c = cached["ci95"]
     assert lo_c <= hi_l and lo_l <= hi_c, "the 95% CIs should overlap"

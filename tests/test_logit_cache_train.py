@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from distillery.capture import run_capture
-from distillery.chat import tokenize_messages
+from distillery.chat import IGNORE, tokenize_messages
 from distillery.config import CaptureConfig, DataConfig, TaskConfig, TeacherConfig, TrainJobConfig
 from distillery.logits import LogitCache
 from distillery.logits.cache import CacheMismatchError, stored_positions
@@ -71,6 +71,56 @@ def test_capture_stores_the_teachers_topk_at_every_trained_position(cache_dir, r
             # docs/logit_format.md: |sqrt(q) - sqrt(p)| <= sqrt(max_kl) per entry (max_kl 5e-4)
             err = max(abs(np.exp(got[i] / 2) - np.exp(want[i] / 2)) for i in want)
             assert err <= np.sqrt(5e-4) + 1e-3
+
+
+def _trained_positions(records_path, tok) -> int:
+    """Label positions counted from the records (assistant tokens after the first token), not
+    through the cache's own bookkeeping."""
+    recs = [json.loads(line) for line in open(records_path)]
+    return sum(sum(1 for lab in tokenize_messages(r["messages"], tok, 64)["labels"][1:] if lab != IGNORE)
+               for r in recs)
+
+
+def test_capture_prints_bytes_per_stored_position_and_the_manifest_counts_only_them(tmp_path, records_path, tiny_model_dir):
+    cfg = _capture_cfg(tmp_path / "cache", records_path, tiny_model_dir, shard_size=10)
+    path = tmp_path / "capture.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    proc = subprocess.run([sys.executable, "-m", "distillery.cli", "capture", str(path)], capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "60"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    positions = _trained_positions(records_path, load_tokenizer(str(tiny_model_dir)))
+    cache = LogitCache(tmp_path / "cache")
+    total_tokens = sum(len(cache[rid].token_ids) for rid in cache.ids())
+    nbytes = sum(f.stat().st_size for f in (tmp_path / "cache").glob("shard-*.dlc"))
+    assert positions < total_tokens  # prompts are not stored: the two figures differ
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert sum(s["positions"] for s in manifest["shards"]) == positions
+    assert sum(s["sequence_tokens"] for s in manifest["shards"]) == total_tokens
+    run = manifest["extra"]["last_run"]
+    assert (run["records"], run["positions"], run["sequence_tokens"]) == (24, positions, total_tokens)
+    m = cache.manifest
+    assert m.positions == positions and m.bytes_per_position == pytest.approx(nbytes / positions)
+    line = proc.stderr.strip().splitlines()[-1]  # one line, however narrow the terminal
+    assert line.startswith("captured 24 records") and f"{positions} stored positions" in line
+    assert f"{nbytes / positions:.1f} bytes per stored position" in line
+    assert "positions/s" in line and "teacher tok/s" in line
+
+
+def test_a_manifest_from_before_position_counts_still_loads(tmp_path, cache_dir, records_path, tiny_model_dir):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(cache_dir, old)
+    raw = json.loads((old / "manifest.json").read_text())
+    for shard in raw["shards"]:  # the old layout: "tokens" counted every sequence token
+        shard["tokens"] = shard.pop("sequence_tokens")
+        del shard["positions"]
+    (old / "manifest.json").write_text(json.dumps(raw))
+    m = LogitCache(old).manifest
+    nbytes = sum(f.stat().st_size for f in old.glob("shard-*.dlc"))
+    positions = _trained_positions(records_path, load_tokenizer(str(tiny_model_dir)))
+    assert m.positions == positions and m.bytes_per_position == pytest.approx(nbytes / positions)
+    assert all("tokens" not in s and s["sequence_tokens"] > s["positions"] for s in m.shards)
 
 
 def test_training_from_the_cache_equals_the_live_teacher_restricted_to_topk(cache_dir, records_path, tiny_model_dir):

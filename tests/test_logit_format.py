@@ -258,7 +258,9 @@ def test_cache_writer_kill_and_resume(tmp_path):
     w.add(exs[0])  # already written: skipped
     m = w.finish()
     assert m.count == 10 and sum(s["count"] for s in m.shards) == 10 and len(m.shards) == 4
-    assert sum(s["tokens"] for s in m.shards) == sum(len(e.token_ids) for e in exs)
+    assert sum(s["sequence_tokens"] for s in m.shards) == sum(len(e.token_ids) for e in exs)
+    assert m.positions == sum(e.num_positions for e in exs) == sum(s["positions"] for s in m.shards)
+    assert m.bytes_per_position == sum(s["bytes"] for s in m.shards) / m.positions
     assert all(s["bytes"] == (d / s["file"]).stat().st_size for s in m.shards)
 
     cache = LogitCache(d)
@@ -330,4 +332,4 @@ def test_real_teacher_distributions(tmp_path, demo_teacher):
             check_round_trip(ex, dec)
             back = dec.to_topk()
             assert back.ids.shape == (len(ex.token_ids), k)
-        assert m.bytes_per_token < 6 * k
+        assert m.bytes_per_position < 6 * k

@@ -154,6 +154,7 @@ def test_capture_into_a_cache_of_other_records_is_refused(tmp_path, tiny_model_d
 
     again = _cli("capture", config)  # the same records: a resume with nothing to do
     assert again.returncode == 0, again.stderr[-2000:]
+    manifest = _strict_json(tmp_path / "cache" / "manifest.json")  # extra.last_run: this resume's
 
     records[2]["messages"][1]["content"] = "a different answer, same id"
     write_jsonl_atomic(path, records)

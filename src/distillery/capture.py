@@ -90,7 +90,7 @@ def run_capture(cfg: CaptureConfig, show_progress: bool = True) -> Manifest:
     done = writer.done_ids()
     todo = list(_examples(records, tokenizer, cfg.max_seq_len, done, cfg.offsets))
     batch = cfg.teacher.batch_size
-    t0, tokens = time.perf_counter(), 0
+    t0, cpu0, tokens, seq_tokens = time.perf_counter(), time.process_time(), 0, 0
     columns = (TextColumn("[bold]capture"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
     with Progress(*columns, console=console, disable=not show_progress) as progress:
@@ -104,10 +104,30 @@ def run_capture(cfg: CaptureConfig, show_progress: bool = True) -> Manifest:
                     ids=top.ids[positions].numpy(), logprobs=top.logprobs[positions].numpy(),
                     log_tail=top.log_tail[positions].numpy(), offsets=spans))
                 tokens += len(positions)
+                seq_tokens += len(ids)
             dt = time.perf_counter() - t0
-            progress.update(bar, advance=len(chunk), rate=f"{tokens / max(dt, 1e-9):.0f} tok/s")
+            progress.update(bar, advance=len(chunk), rate=f"{tokens / max(dt, 1e-9):.0f} positions/s")
+    # this run's work and time (teacher, codec and disk; not the model load) go into the manifest;
+    # CPU seconds, unlike wall time, are not inflated by other jobs on the machine
+    writer.flush()
+    run = {"records": len(todo), "resumed": len(done), "positions": tokens,
+           "sequence_tokens": seq_tokens, "seconds": round(time.perf_counter() - t0, 3),
+           "cpu_seconds": round(time.process_time() - cpu0, 3)}
     # the tokenizer's source: a cross-tokenizer student re-tokenizes the records with it
-    manifest = writer.finish(extra={"tokenizer": tok_source, "offsets": cfg.offsets})
-    console.print(f"captured {manifest.count} examples ({len(done)} from an earlier run) into "
-                  f"{cfg.output_dir}: k={cfg.k}, {tokens} new positions in {time.perf_counter() - t0:.1f} s")
+    manifest = writer.finish(extra={"tokenizer": tok_source, "offsets": cfg.offsets, "last_run": run})
+    console.print(summary_line(manifest, cfg.output_dir), highlight=False, soft_wrap=True)
     return manifest
+
+
+def summary_line(manifest: Manifest, out_dir: str) -> str:
+    """What ``distillery capture`` prints last: the run's records, stored positions and
+    throughput (``manifest.extra["last_run"]``), and the whole cache's size per stored position
+    (the figure that scales with the data: prompt tokens are not stored)."""
+    run = manifest.extra["last_run"]
+    dt = max(run["seconds"], 1e-9)
+    return (f"captured {run['records']} records ({run['resumed']} more from an earlier run) into "
+            f"{out_dir}: k={manifest.k}, {run['positions']} stored positions of "
+            f"{run['sequence_tokens']} sequence tokens in {run['seconds']:.1f} s "
+            f"({run['positions'] / dt:.0f} positions/s, {run['sequence_tokens'] / dt:.0f} teacher "
+            f"tok/s); cache: {manifest.count} records, {manifest.positions} stored positions, "
+            f"{manifest.nbytes / 1e6:.2f} MB, {manifest.bytes_per_position:.1f} bytes per stored position")

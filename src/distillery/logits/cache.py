@@ -56,13 +56,26 @@ class Manifest:
     vocab_size: int
     count: int
     format_version: int
-    shards: list[dict] = field(default_factory=list)  # {"file", "count", "bytes", "tokens"}
+    # {"file", "count", "bytes", "positions", "sequence_tokens"}: positions are the stored
+    # (trained) rows, sequence_tokens every token of the examples, prompts included
+    shards: list[dict] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
     @property
-    def bytes_per_token(self) -> float:
-        tokens = sum(s["tokens"] for s in self.shards)
-        return sum(s["bytes"] for s in self.shards) / tokens if tokens else 0.0
+    def positions(self) -> int:
+        """Stored positions (rows the student trains on) over all shards."""
+        return sum(s["positions"] for s in self.shards)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all shard files."""
+        return sum(s["bytes"] for s in self.shards)
+
+    @property
+    def bytes_per_position(self) -> float:
+        """Shard bytes per stored position: what a trained token costs on disk. Prompt tokens are
+        not stored, so dividing by every sequence token would understate it."""
+        return self.nbytes / self.positions if self.positions else 0.0
 
 
 def tokenizer_hash(tokenizer: Any) -> str:
@@ -93,6 +106,12 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def _shard_counts(reader: ShardReader) -> dict[str, int]:
+    """A shard's stored positions and sequence tokens, from its index."""
+    return {"positions": int(reader._index["n_positions"].sum()),
+            "sequence_tokens": int(reader._index["n_tokens"].sum())}
 
 
 def _shard_name(i: int) -> str:
@@ -150,12 +169,12 @@ class CacheWriter:
                         raise CacheMismatchError(f"{path}: k={r.k}, V={r.vocab_size}; the writer "
                                                  f"has k={k}, V={vocab_size}")
                     ids = r.ids()
-                    tokens = int(r._index["n_tokens"].sum())
+                    counts = _shard_counts(r)
             except ShardError:  # unreadable (torn write outside our rename): capture it again
                 path.unlink()
                 continue
             self.shards.append({"file": path.name, "count": len(ids),
-                                "bytes": path.stat().st_size, "tokens": tokens})
+                                "bytes": path.stat().st_size, **counts})
             self._done.update(ids)
         self._next = 1 + max((int(s["file"][6:12]) for s in self.shards), default=-1)
         self._buffer: list[TopKExample] = []
@@ -173,6 +192,10 @@ class CacheWriter:
         if len(self._buffer) >= self.shard_size:
             self._flush()
 
+    def flush(self) -> None:
+        """Write the buffered examples as a shard now (``finish`` does too)."""
+        self._flush()
+
     def _flush(self) -> None:
         if not self._buffer:
             return
@@ -182,7 +205,8 @@ class CacheWriter:
             nbytes = write_shard(path, self._buffer, self.settings["k"], self.settings["vocab_size"],
                                  **self.codec_opts)
         self.shards.append({"file": path.name, "count": len(self._buffer), "bytes": nbytes,
-                            "tokens": sum(len(e.token_ids) for e in self._buffer)})
+                            "positions": sum(e.num_positions for e in self._buffer),
+                            "sequence_tokens": sum(len(e.token_ids) for e in self._buffer)})
         self._done |= self._buffered
         self._buffer, self._buffered = [], set()
         self._next += 1
@@ -225,6 +249,9 @@ class LogitCache:
             with ShardReader(self.dir / shard["file"]) as r:
                 for name in r.ids():
                     self._where[name] = i
+                if "positions" not in shard:  # a manifest from before 2026-12-06: "tokens" counted
+                    shard.pop("tokens", None)  # every sequence token; recount from the index
+                    shard.update(_shard_counts(r))
 
     def _reader(self, i: int) -> ShardReader:
         if i not in self._readers:
