@@ -45,7 +45,11 @@ __all__ = [
     "CROSS_TOKENIZER_METHODS",
     "UNMAPPED_POLICIES",
     "cross_tokenizer_per_position",
+    "keep_top",
+    "map_full_rows_to_student",
     "map_teacher_to_student",
+    "student_columns",
+    "uld_rows",
     "move_span_mass",
     "take_span_mass",
     "uld_distance",
@@ -224,6 +228,87 @@ def map_teacher_to_student(
     return _fill_absent(out_ids, absent), out_lp.masked_fill(absent, _NEG_INF), log_tail
 
 
+def student_columns(mapping: Tensor) -> tuple[Tensor, Tensor]:
+    """The student ids some teacher id maps to, ``columns [m]`` (sorted), and each teacher id's
+    column, ``slot [Vt]`` (``m`` where the teacher id is unmapped): the layout of
+    :func:`map_full_rows_to_student`. Depends on the mapping only: compute it once."""
+    columns = torch.unique(mapping[mapping >= 0].long())
+    slot = torch.searchsorted(columns, mapping.long().clamp_min(0))
+    return columns, torch.where(mapping >= 0, slot, torch.full_like(slot, columns.numel()))
+
+
+def map_full_rows_to_student(
+    teacher_logprobs: Tensor, columns: Tensor, slot: Tensor, teacher_log_tail: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`map_teacher_to_student` for rows over the **whole** teacher vocabulary, without a sort.
+
+    teacher_logprobs ``[N, Vt]`` (column t is teacher id t), ``(columns, slot)`` from
+    :func:`student_columns`. Returns ``(ids [N, m], logprobs [N, m], log_tail [N])``: column j
+    is student id ``columns[j]`` with the log-sum-exp of the mass of the teacher ids mapped to
+    it (−inf where none has mass: an absent slot, its id a harmless duplicate), the tail as in
+    :func:`map_teacher_to_student`. The same entries as there, in another slot order: every
+    loss here reads a row as a set of (id, mass) entries, so the two are interchangeable. The
+    slots are static (one index for every row), so this costs one pass over ``Vt`` per row
+    instead of a sort: the form for a live teacher's full rows.
+    """
+    if teacher_logprobs.dim() != 2 or teacher_logprobs.shape[-1] != slot.shape[0]:
+        raise ValueError(f"teacher_logprobs {tuple(teacher_logprobs.shape)} must be [N, Vt] with Vt = "
+                         f"{slot.shape[0]} (the mapping's teacher vocabulary)")
+    lp = upcast(teacher_logprobs)
+    m = columns.numel()
+    slot = slot.to(lp.device)
+    mapped = (slot < m) & (lp > _NEG_INF)
+    tail = _floored_log_tail(lp, None if teacher_log_tail is None else upcast(teacher_log_tail))
+    log_tail = torch.logaddexp(tail, torch.logsumexp(lp.masked_fill(mapped, _NEG_INF), dim=-1))
+    vals = lp.masked_fill(~mapped, _NEG_INF)
+    index = slot.expand_as(vals)
+    top = torch.full((lp.shape[0], m + 1), _NEG_INF, dtype=lp.dtype, device=lp.device)
+    top = top.scatter_reduce(-1, index, vals, "amax", include_self=True)
+    # shift by the column's max so exp does not overflow; empty columns (max −inf) shift by 0
+    shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    sums = torch.zeros_like(top).scatter_add(-1, index, (vals - shift.gather(-1, index)).exp())
+    out = (sums.log() + shift)[:, :m]
+    return columns.to(lp.device).expand(lp.shape[0], m), out, log_tail
+
+
+def keep_top(logprobs: Tensor, width: int, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """The ``width`` largest entries of each row and what the rest weighs at temperature T.
+
+    logprobs ``[N, k]``. Returns ``(top [N, min(width, k)]`` sorted in decreasing order,
+    ``rest [N])`` with ``rest = T·log Σ_rest exp(lp / T)`` (−inf when nothing is left): raised
+    to 1/T as the losses temper a teacher row, it weighs what the dropped entries weighed
+    together, so a tempered normaliser over ``top`` and ``rest`` is the full row's. ULD reads
+    only sorted values and no vector longer than the student's, so a row kept this wide loses
+    nothing (see :func:`cross_tokenizer_per_position`).
+    """
+    lp = upcast(logprobs)
+    if width >= lp.shape[-1]:
+        top = lp.sort(dim=-1, descending=True).values
+        return top, torch.full(lp.shape[:-1], _NEG_INF, dtype=lp.dtype, device=lp.device)
+    top, where = lp.topk(width, dim=-1)
+    rest = torch.logsumexp(lp.scatter(-1, where, _NEG_INF) / temperature, dim=-1) * temperature
+    return top, rest
+
+
+def uld_rows(
+    logprobs: Tensor, log_tail: Tensor | None, width: int, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """A teacher row for ``method="uld"`` cut to ``width`` entries (the student's vocabulary)
+    with the rest folded into the tail: ``(logprobs [N, min(width, k)], log_tail [N])``.
+
+    :func:`cross_tokenizer_per_position` gives the same ULD for the cut row as for the whole
+    one: the tempered entries kept are unchanged (:func:`keep_top` keeps the normaliser), and
+    past the student's last sorted entry the student side is 0, so ``Σ |0 − p↓_i|`` there is
+    the folded mass, which the top-k form counts as ``|tail_q − tail_p|`` with ``tail_q = 0``.
+    """
+    lp = upcast(logprobs)
+    if width >= lp.shape[-1]:
+        return lp, _floored_log_tail(lp, None if log_tail is None else upcast(log_tail))
+    top, rest = keep_top(lp, width, temperature)
+    tail = _floored_log_tail(lp, None if log_tail is None else upcast(log_tail))
+    return top, torch.logaddexp(rest / temperature, tail / temperature) * temperature
+
+
 def _locate(ids: Tensor, logprobs: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """Slot ``[N]`` of ``target``'s entry in each row and whether it is present (id ≥ 0 and
     finite mass; duplicates of absent slots carry −inf so the max picks the real one)."""
@@ -396,6 +481,7 @@ def cross_tokenizer_per_position(
     uld_weight: float = 1.0,
     student_mapped: Tensor | None = None,
     teacher_unmapped_logprobs: Tensor | None = None,
+    teacher_unmapped_rest: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Loss per compared position ``[N]`` and its unweighted parts by name (each ``[N]``).
 
@@ -412,7 +498,9 @@ def cross_tokenizer_per_position(
       with no student token, taken before mapping, −inf padding) and the student's
       probabilities on the ids where ``student_mapped [Vs]`` (bool: some teacher id maps here)
       is False. The listed unmapped entries only: how the teacher's own top-k tail splits is
-      unknown.
+      unknown. A list cut to its largest entries (:func:`keep_top`, as wide as the student's
+      free ids at least) gives the same ULD when ``teacher_unmapped_rest [N]`` carries the rest
+      (keep_top's ``rest``).
     * ``uld``: in the teacher's own ids (which are not read; None is fine), sorted or not; the
       loss is the top-k ULD of :func:`uld_distance` (part ``uld``; ``terms`` and
       ``uld_weight`` unused).
@@ -440,7 +528,8 @@ def cross_tokenizer_per_position(
     log_p, log_q = _vocab_map_support(student_logits, ids, lp, tail, temperature, unmapped)
     total, parts = mix_per_token(log_p, log_q, list(terms))
     if method == "hybrid":
-        uld = _hybrid_uld(student_logits, lp, tail, temperature, student_mapped, teacher_unmapped_logprobs)
+        uld = _hybrid_uld(student_logits, lp, tail, temperature, student_mapped, teacher_unmapped_logprobs,
+                          teacher_unmapped_rest)
         parts["uld"] = uld
         total = total + uld_weight * uld
     return total, parts
@@ -465,6 +554,7 @@ def _hybrid_uld(
     temperature: float,
     student_mapped: Tensor | None,
     teacher_unmapped_logprobs: Tensor | None,
+    teacher_unmapped_rest: Tensor | None = None,
 ) -> Tensor:
     """ULD between the unmapped parts of both sides, ``[N]`` (see cross_tokenizer_per_position)."""
     vs = student_logits.shape[-1]
@@ -480,4 +570,16 @@ def _hybrid_uld(
     p_u = _tempered_unmapped(teacher_unmapped_logprobs.detach(), lp, tail, temperature)
     free = torch.nonzero(~student_mapped.to(student_logits.device)).squeeze(-1)
     q_u = F.softmax(upcast(student_logits) / temperature, dim=-1).index_select(-1, free)
-    return uld_distance(q_u, p_u.to(q_u.dtype))
+    # the top-k form with the teacher cut to the student's width is the full ULD exactly: past
+    # it the student side is 0, so Σ|0 − p↓_i| is the cut mass (|tail_q − tail_p|, tail_q = 0);
+    # a teacher list no wider than the student's leaves tail_p = 0 and tail_q = Σ q↓ past it
+    p_u = p_u.to(q_u.dtype).sort(dim=-1, descending=True).values
+    width = min(p_u.shape[-1], q_u.shape[-1])
+    rest = p_u[:, width:].sum(-1, dtype=torch.float64)
+    if teacher_unmapped_rest is not None:
+        if teacher_unmapped_rest.shape != p_u.shape[:1]:
+            raise ValueError(f"teacher_unmapped_rest {tuple(teacher_unmapped_rest.shape)} must be [N] = "
+                             f"{tuple(p_u.shape[:1])}")
+        folded = _tempered_unmapped(teacher_unmapped_rest.detach().unsqueeze(-1), lp, tail, temperature)
+        rest = rest + folded.squeeze(-1).double()
+    return uld_distance(q_u, teacher_sorted_topk=p_u[:, :width], teacher_tail=rest)

@@ -23,12 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from distillery.config import CrossTokenizerConfig, ObjectiveConfig
 from distillery.losses import LossSpec, distillation_loss, lm_head_inputs
-from distillery.losses.cross_tokenizer import (
-    cross_tokenizer_per_position,
-    map_teacher_to_student,
-    move_span_mass,
-    take_span_mass,
-)
+from distillery.losses.divergences import upcast
 from distillery.losses.forms import cross_entropy_per_token
 from distillery.models import load_tokenizer
 from distillery.models.vocab import (
@@ -40,6 +35,13 @@ from distillery.models.vocab import (
 from distillery.models.vocab_cache import cached_vocab_mapping
 from distillery.train.cached import CachedCollator, CachedSFTDataset
 from distillery.train.cross_tokenizer import CrossTokenizerCollator, CrossTokenizerDataset
+from distillery.train.cross_tokenizer_chunked import (
+    LiveTeacher,
+    TeacherRows,
+    XtSettings,
+    chunked_loss,
+    compare_rows,
+)
 from distillery.train.objectives.base import (
     BuildContext,
     LossOutput,
@@ -237,6 +239,8 @@ class CrossTokenizerKDObjective:
         self.method = cfg.resolved_method
         if mapping is None and self.method != "uld":
             raise ValueError(f"cross-tokenizer method {self.method!r} needs a vocabulary mapping")
+        self.settings = XtSettings(self.method, spec.terms(), spec.temperature, cfg.resolved_unmapped,
+                                   cfg.uld_weight, mapping)
         self.trainable: list[nn.Module] = []
 
     def _live_teacher_rows(self, batch: dict[str, torch.Tensor], teacher: nn.Module
@@ -246,12 +250,13 @@ class CrossTokenizerKDObjective:
         with torch.no_grad():
             logits = teacher(input_ids=batch["teacher_input_ids"].to(device),
                              attention_mask=batch["teacher_attention_mask"].to(device)).logits
-            rows = F.log_softmax(logits[batch["xt_row"].to(device), batch["xt_teacher_pos"].to(device)].float(), -1)
+            rows = F.log_softmax(upcast(logits[batch["xt_row"].to(device), batch["xt_teacher_pos"].to(device)]), -1)
             n = rows.shape[0]
             # chain members: log P(actual token) at each, summed per compared row
-            pos_lp = F.log_softmax(logits[batch["xt_chain_row"].to(device), batch["xt_chain_pos"].to(device)].float(), -1)
+            pos_lp = F.log_softmax(upcast(logits[batch["xt_chain_row"].to(device), batch["xt_chain_pos"].to(device)]), -1)
             member = pos_lp.gather(-1, batch["xt_chain_token"].to(device)[:, None])[:, 0]
-            log_mass = torch.zeros(n, device=device).index_add(0, batch["xt_chain_seg"].to(device), member)
+            log_mass = torch.zeros(n, dtype=member.dtype, device=device).index_add(
+                0, batch["xt_chain_seg"].to(device), member)
             has_chain = torch.zeros(n, dtype=torch.bool, device=device)
             has_chain[batch["xt_chain_seg"].to(device)] = True
             log_mass = torch.where(has_chain, log_mass, torch.full_like(log_mass, -float("inf")))
@@ -261,11 +266,15 @@ class CrossTokenizerKDObjective:
             else:
                 # the whole distribution: nothing outside it (a None tail would be read as 1 − Σp)
                 lp, ids = rows, torch.arange(rows.shape[-1], device=device).expand_as(rows)
-                log_tail = torch.full((n,), -float("inf"), device=device)
+                log_tail = torch.full((n,), -float("inf"), dtype=lp.dtype, device=device)
         return ids, lp, log_tail, log_mass
 
     def loss(self, batch: dict[str, torch.Tensor], student: nn.Module, teacher: nn.Module | None
              ) -> LossOutput:
+        if not self.cached and teacher is None:
+            raise ValueError("cross-tokenizer logit_kd needs a teacher model (or a logit cache)")
+        if self.cfg.form == "chunked":
+            return self._chunked_loss(batch, student, teacher)
         s_logits = student(**model_inputs(batch)).logits
         device = s_logits.device
         targets, mask = shifted_targets(batch)
@@ -296,25 +305,40 @@ class CrossTokenizerKDObjective:
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per compared row ``[N]``: the teacher carried to student ids, span mass moved, compared."""
         device = s_rows.device
-        kw = {"terms": self.spec.terms(), "temperature": self.spec.temperature}
-        # ULD takes the divergences' weight too, T² included (kd_ratio splits CE from distillation,
-        # whichever distance measures it); hybrid's uld_weight is relative to it
-        uld_scale = sum(term.weight for term in kw["terms"])
-        if self.method == "uld":
-            uld, parts = cross_tokenizer_per_position(s_rows, t_ids, t_lp, t_tail, method="uld", **kw)
-            return uld_scale * uld, parts
-        assert self.mapping is not None  # checked in __init__
-        mapping = self.mapping.teacher_to_student.to(device)
-        t1 = batch["xt_teacher_token"].to(device)
-        if self.method == "hybrid":
-            # what move_span_mass gives the student's token below is no longer unmapped mass
-            unmapped = take_span_mass(t_ids, t_lp, t1, log_mass).masked_fill(mapping[t_ids] >= 0, -float("inf"))
-            kw.update(uld_weight=self.cfg.uld_weight * uld_scale, student_mapped=self.mapping.student_mapped.to(device),
-                      teacher_unmapped_logprobs=unmapped)
-        ids, lp, tail = map_teacher_to_student(t_ids, t_lp, mapping, t_tail)
-        ids, lp, tail = move_span_mass(ids, lp, tail, mapping[t1], batch["xt_student_token"].to(device), log_mass)
-        return cross_tokenizer_per_position(s_rows, ids, lp, tail, method=self.method,
-                                            unmapped=self.cfg.resolved_unmapped, **kw)
+        return compare_rows(self.settings, s_rows, TeacherRows(t_lp, t_ids, t_tail),
+                            batch["xt_teacher_token"].to(device), batch["xt_student_token"].to(device), log_mass)
+
+    def _chunked_loss(self, batch: dict[str, torch.Tensor], student: nn.Module, teacher: nn.Module | None
+                      ) -> LossOutput:
+        """``form: chunked`` (:mod:`distillery.train.cross_tokenizer_chunked`): the same loss, no
+        ``[batch, seq, vocab]`` logits on either side."""
+        targets, mask = shifted_targets(batch)
+        device, n_rows = targets.device, batch["xt_row"].numel()
+        if self.cached:
+            lp, ids, tail = batch["xt_teacher_logprobs"], batch["xt_teacher_ids"], batch["xt_teacher_log_tail"]
+            log_mass = batch["xt_log_mass"].to(device)
+
+            def rows_of(n: torch.Tensor) -> TeacherRows:
+                return TeacherRows(lp[n].to(device), ids[n].to(device), tail[n].to(device))
+        else:
+            assert teacher is not None  # loss() checks it
+            live = LiveTeacher.run(teacher, batch, self.cfg.top_k, self.cfg.chunk_rows)
+            log_mass = live.chain_log_mass(batch, n_rows, device)
+
+            def rows_of(n: torch.Tensor) -> TeacherRows:
+                return live.rows(batch["xt_row"][n], batch["xt_teacher_pos"][n], device)
+        t1, s_tok = batch["xt_teacher_token"].to(device), batch["xt_student_token"].to(device)
+
+        def row_fn(z_rows: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            return compare_rows(self.settings, z_rows, rows_of(n), t1[n], s_tok[n], log_mass[n])
+
+        total, ce_sum, parts = chunked_loss(
+            student, model_inputs(batch), targets, mask, batch, self.spec.resolved_ce_weight,
+            self.spec.resolved_kd_weight, self.cfg.chunk_rows, row_fn)
+        n_tokens = float(mask.sum())
+        metrics = {"ce": ce_sum / max(n_tokens, 1.0), "compared_rows": float(n_rows)}
+        metrics.update({f"kd/{k}": v / n_rows for k, v in parts.items()})
+        return LossOutput(total / max(n_tokens, 1.0), n_tokens, metrics)
 
 
 # --------------------------------------------------------------------------- build
