@@ -35,6 +35,21 @@ def tiny_tokenizer(task_cfg):
 
 
 @pytest.fixture(scope="session")
+def merging_tokenizer_dir(tmp_path_factory, task_cfg):
+    """A saved student tokenizer unlike ``tiny_tokenizer`` (unigram, digits allowed to merge), so
+    the single-digit teacher spells some student tokens as chains: the cross-tokenizer tests'."""
+    from distillery.models import train_tokenizer
+    from distillery.records import ground_truth_records
+    from distillery.tasks import load_problems
+
+    texts = [m["content"] for r in ground_truth_records(load_problems(task_cfg, "train", 400, seed=1), "chain")
+             for m in r["messages"]]
+    out = tmp_path_factory.mktemp("merging_tokenizer")
+    train_tokenizer(texts, vocab_size=300, algorithm="unigram", split_digits=False).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     """A saved 1-layer Llama (random init) with its tokenizer: loaded like a user's model."""
     import torch

@@ -28,7 +28,7 @@ from distillery.losses.cross_tokenizer import (
     uld_distance,
     uld_rows,
 )
-from distillery.models import build_model, load_tokenizer, train_tokenizer
+from distillery.models import build_model, load_tokenizer
 from distillery.models.vocab import build_vocab_mapping
 from distillery.records import ground_truth_records
 from distillery.tasks import load_problems
@@ -40,14 +40,9 @@ TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def xt(tmp_path_factory, task_cfg, tiny_tokenizer):
-    root = tmp_path_factory.mktemp("xtok_chunked")
+def xt(task_cfg, tiny_tokenizer, merging_tokenizer_dir):
     records = ground_truth_records(load_problems(task_cfg, "train", 8, seed=0), "chain")
-    texts = [m["content"] for r in ground_truth_records(load_problems(task_cfg, "train", 400, seed=1), "chain")
-             for m in r["messages"]]
-    student_tok = train_tokenizer(texts, vocab_size=300, algorithm="unigram", split_digits=False)
-    student_tok.save_pretrained(root / "student_tok")
-    student_tok = load_tokenizer(str(root / "student_tok"))
+    student_tok = load_tokenizer(str(merging_tokenizer_dir))
     torch.manual_seed(0)
     teacher = build_model(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, tie_word_embeddings=False),
                           tiny_tokenizer).double().eval()

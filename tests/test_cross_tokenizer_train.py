@@ -46,7 +46,7 @@ MAX_LEN = 64
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, task_cfg, tiny_tokenizer):
+def setup(tmp_path_factory, task_cfg, tiny_tokenizer, merging_tokenizer_dir):
     root = tmp_path_factory.mktemp("xtok")
     records = ground_truth_records(load_problems(task_cfg, "train", 48, seed=0), "chain")
     data = root / "records.jsonl"
@@ -55,10 +55,7 @@ def setup(tmp_path_factory, task_cfg, tiny_tokenizer):
     writer.finish()
     texts = [m["content"] for r in ground_truth_records(load_problems(task_cfg, "train", 400, seed=1), "chain")
              for m in r["messages"]]
-    # unigram, digits allowed to merge: the teacher (single digits) spells some student tokens as chains
-    student_tok = train_tokenizer(texts, vocab_size=300, algorithm="unigram", split_digits=False)
-    student_tok.save_pretrained(root / "student_tok")
-    student_tok = load_tokenizer(str(root / "student_tok"))
+    student_tok = load_tokenizer(str(merging_tokenizer_dir))
     torch.manual_seed(0)
     teacher = build_model(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, tie_word_embeddings=False),
                           tiny_tokenizer)
@@ -71,6 +68,7 @@ def setup(tmp_path_factory, task_cfg, tiny_tokenizer):
     split_tok = train_tokenizer(texts, vocab_size=300, algorithm="unigram", split_digits=True)
     split_student = build_model(ModelConfig(hidden_size=32, num_layers=1, num_heads=2), split_tok)
     return {"root": root, "records": records, "data": data, "student_tok": student_tok,
+            "student_tok_dir": merging_tokenizer_dir,
             "teacher_tok": tiny_tokenizer, "teacher": teacher.eval(), "student": student.eval(),
             "split_tok": split_tok, "split_student": split_student.eval()}
 
@@ -316,7 +314,7 @@ def _job(setup, out, cross, steps=30):
     train = TrainConfig(objective=objective, steps=steps, batch_size=8, lr=3e-3, warmup_steps=2,
                         max_seq_len=MAX_LEN, log_every=1)
     return TrainJobConfig(output_dir=str(out), model=ModelConfig(hidden_size=32, num_layers=1, num_heads=2),
-                          tokenizer={"path": str(setup["root"] / "student_tok")},
+                          tokenizer={"path": str(setup["student_tok_dir"])},
                           teacher=ModelConfig(path=str(setup["root"] / "teacher"), device="cpu"),
                           data=DataConfig(path=str(setup["data"])), train=train)
 
